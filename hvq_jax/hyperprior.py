@@ -1,0 +1,60 @@
+"""One hyperprior branch per granularity (Ballé 2018, predicting mean and scale).
+
+z = H_a(y) (strided convs), z_hat = round(z) (uniform noise when training), priced
+by the factorized entropy bottleneck; (mu, sigma) = H_s(z_hat) in the D-dimensional
+embedding space, cropped back to y's grid.
+"""
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from hvq_jax.entropy_bottleneck import EntropyBottleneck
+
+
+class HyperBranch(nn.Module):
+  embed_dim: int
+  channels: int
+  latent_channels: int
+  num_down: int
+  sigma_min: float
+  sigma_max: float
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.channels
+    self.a_in = nn.Conv(c, (3, 3), dtype=self.dtype, name="analysis_in")
+    self.a_down = [nn.Conv(c if i < self.num_down - 1 else self.latent_channels, (5, 5),
+                           strides=(2, 2), dtype=self.dtype, name=f"analysis_down{i}")
+                   for i in range(self.num_down)]
+    self.s_up = [nn.ConvTranspose(c, (5, 5), strides=(2, 2), dtype=self.dtype,
+                                  name=f"synthesis_up{i}") for i in range(self.num_down)]
+    self.s_out = nn.Conv(2 * self.embed_dim, (3, 3), dtype=self.dtype, name="synthesis_out")
+    self.bottleneck = EntropyBottleneck(self.latent_channels, name="bottleneck")
+
+  def analysis(self, y: jax.Array) -> jax.Array:
+    """y [B, h, w, D] -> z [B, ceil(h / 2^n), ceil(w / 2^n), C_z] float32."""
+    h = nn.gelu(self.a_in(y.astype(self.dtype)))
+    for i, layer in enumerate(self.a_down):
+      h = layer(h)
+      if i < self.num_down - 1:
+        h = nn.gelu(h)
+    return h.astype(jnp.float32)
+
+  def synthesis(self, z_hat: jax.Array, grid_hw) -> tuple:
+    """z_hat -> (mu, sigma), each [B, h, w, D] float32 on y's grid `grid_hw`."""
+    h = z_hat.astype(self.dtype)
+    for layer in self.s_up:
+      h = nn.gelu(layer(h))
+    out = self.s_out(h).astype(jnp.float32)[:, :grid_hw[0], :grid_hw[1]]
+    mu, log_sigma = jnp.split(out, 2, axis=-1)
+    log_sigma = jnp.clip(log_sigma, math.log(self.sigma_min), math.log(self.sigma_max))
+    return mu, jnp.exp(log_sigma)
+
+  def __call__(self, y: jax.Array, training: bool) -> dict:
+    z = self.analysis(y)
+    z_hat, z_bits = self.bottleneck(z, training)
+    mu, sigma = self.synthesis(z_hat, y.shape[1:3])
+    return dict(z=z, z_hat=z_hat, z_bits=z_bits, mu=mu, sigma=sigma)

@@ -1,0 +1,179 @@
+"""HVQ-CGIC: multi-granularity VQGAN whose indices are priced by per-granularity hyperpriors."""
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import ml_collections
+
+from hvq_jax import granularity, rate
+from hvq_jax.codebook import Codebook
+from hvq_jax.decoder import Decoder
+from hvq_jax.encoder import GRANULARITIES, Encoder
+from hvq_jax.hyperprior import HyperBranch
+
+
+class ConfigError(ValueError):
+  """A config value that cannot build a model; the message names the field."""
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Check a model config before any array is built (clear errors, not deep tracebacks)."""
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(f"config.model: {msg}")
+  strides = tuple(cfg.strides)
+  levels = len(cfg.ch_mult)
+  need(len(strides) == 3, f"strides must be (coarse, medium, fine), got {strides}")
+  need(all(s > 0 and s & (s - 1) == 0 for s in strides),
+       f"strides must be powers of two, got {strides}")
+  need(strides[0] > strides[1] > strides[2],
+       f"strides must satisfy coarse > medium > fine, got {strides}")
+  need(strides[0] == 2 ** (levels - 1),
+       f"coarse stride {strides[0]} must be 2^(len(ch_mult)-1) = {2 ** (levels - 1)}")
+  need(len(cfg.dec_ch_mult) == levels, "dec_ch_mult must have as many levels as ch_mult")
+  need(cfg.codebook_size >= 2, f"codebook_size must be >= 2, got {cfg.codebook_size}")
+  need(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
+  for name, ch, mult in (("ch", cfg.ch, cfg.ch_mult), ("dec_ch", cfg.dec_ch, cfg.dec_ch_mult)):
+    for m in mult:
+      need((ch * m) % cfg.norm_groups == 0,
+           f"{name} * mult = {ch * m} is not divisible by norm_groups={cfg.norm_groups}")
+  need(cfg.hyperprior.channels % 1 == 0 and cfg.hyperprior.num_down >= 1,
+       "hyperprior.num_down must be >= 1")
+  need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
+       "need 0 < hyperprior.sigma_min < hyperprior.sigma_max")
+  need(cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {cfg.dtype}")
+
+
+def check_ratios(ratios) -> None:
+  r = [float(v) for v in ratios]
+  if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
+    raise ConfigError(f"granularity ratios (coarse, medium, fine) must be 3 non-negative "
+                      f"numbers summing to 1, got {tuple(ratios)}")
+
+
+def pad_to_multiple(x: jax.Array, m: int) -> jax.Array:
+  """Edge-pad [B, H, W, C] on the bottom/right to multiples of m."""
+  h, w = x.shape[1:3]
+  ph, pw = (-h) % m, (-w) % m
+  if ph == 0 and pw == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+
+
+def sent_masks(gmap: jax.Array, strides) -> Dict[str, jax.Array]:
+  """Coarse-grid map [B, hc, wc] -> {g: bool [B, h_g, w_g]} positions sent at granularity g."""
+  out = {}
+  for gi, (g, s) in enumerate(zip(GRANULARITIES, strides)):
+    f = strides[0] // s
+    m = gmap == gi
+    out[g] = jnp.repeat(jnp.repeat(m, f, axis=1), f, axis=2)
+  return out
+
+
+class HVQ(nn.Module):
+  """Forward pass of METHOD.md; `cfg` is the frozen `config.model`."""
+  cfg: Any
+
+  def setup(self):
+    c = self.cfg
+    dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
+    self.encoder = Encoder(c.ch, tuple(c.ch_mult), c.num_res_blocks, tuple(c.attn_strides),
+                           tuple(c.head_attn_strides), tuple(c.strides), c.embed_dim,
+                           c.norm_groups, c.lambda_conditioning, dtype)
+    self.decoder = Decoder(c.dec_ch, tuple(c.dec_ch_mult), c.dec_num_res_blocks,
+                           tuple(c.dec_attn_strides), c.norm_groups, 3, dtype)
+    if c.shared_codebook:
+      cb = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized, name="codebook")
+      self.codebooks = {g: cb for g in GRANULARITIES}
+    else:
+      self.codebooks = {g: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized,
+                                    name=f"codebook_{g}") for g in GRANULARITIES}
+    h = c.hyperprior
+    self.hyper = {g: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
+                                 h.sigma_min, h.sigma_max, dtype, name=f"hyper_{g}")
+                  for g in GRANULARITIES}
+
+  # ---- pieces the codec calls one at a time -------------------------------------------
+  def analyze(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
+    """Padded x [B, H, W, 3] -> continuous y per granularity and the granularity map."""
+    y = self.encoder(x, jnp.log(lmbda.astype(jnp.float32)))
+    gmap = granularity.granularity_map(x, ratios, self.cfg.strides[0],
+                                       self.cfg.granularity_bins)
+    return dict(y=y, gmap=gmap)
+
+  def prior(self, g: str, z_hat: jax.Array, grid_hw) -> tuple:
+    """(mu, sigma) of granularity g from its z_hat."""
+    return self.hyper[g].synthesis(z_hat, grid_hw)
+
+  def codebook_entries(self, g: str) -> jax.Array:
+    return self.codebooks[g].entries()
+
+  def synthesize(self, q: Dict[str, jax.Array], gmap: jax.Array, out_hw) -> jax.Array:
+    """Quantised embeddings {g: [B, h_g, w_g, D]} + map -> image [B, H, W, 3] (padded size)."""
+    strides = tuple(self.cfg.strides)
+    masks = sent_masks(gmap, strides)
+    s_f = strides[-1]
+    merged = 0.0
+    for g, s in zip(GRANULARITIES, strides):
+      v = q[g] * masks[g][..., None].astype(q[g].dtype)
+      f = s // s_f
+      merged = merged + jnp.repeat(jnp.repeat(v, f, axis=1), f, axis=2)
+    f = strides[0] // s_f
+    onehot = jax.nn.one_hot(jnp.repeat(jnp.repeat(gmap, f, axis=1), f, axis=2), 3)
+    return self.decoder(jnp.concatenate([merged, onehot], axis=-1), out_hw)
+
+  # ---- the whole forward ----------------------------------------------------------------
+  def __call__(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array,
+               training: bool = False) -> Dict[str, Any]:
+    """x [B, H, W, 3] in [-1, 1] (any H, W); lmbda [B]; ratios [3] (coarse, medium, fine).
+
+    Returns recon [B, H, W, 3] f32, indices/masks {g: [B, h_g, w_g]}, gmap [B, hc, wc],
+    bits {y_coarse, y_medium, y_fine, z, map} each [B], bpp [B], VQ losses, usage.
+    """
+    c = self.cfg
+    b, H, W, _ = x.shape
+    xp = pad_to_multiple(x, c.strides[0])
+    a = self.analyze(xp, lmbda, ratios)
+    gmap = a["gmap"]
+    masks = sent_masks(gmap, tuple(c.strides))
+    bits, q, indices, mu_sigma = {}, {}, {}, {}
+    cb_loss = commit_loss = 0.0
+    z_bits = jnp.zeros((b,), jnp.float32)
+    for g in GRANULARITIES:
+      vq = self.codebooks[g](a["y"][g])
+      hp = self.hyper[g](a["y"][g], training)
+      idx = vq["indices"]
+      per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
+                                y=vq["y"] if c.rate_straight_through else None,
+                                chunk_size=c.rate_chunk or None)
+      m = masks[g].astype(jnp.float32)
+      bits[f"y_{g}"] = jnp.sum(per_pos * m, axis=(1, 2))
+      # z of a branch is sent only when that granularity has a sent position.
+      any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
+      z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
+      cb_loss = cb_loss + vq["codebook_loss"] / 3
+      commit_loss = commit_loss + vq["commitment_loss"] / 3
+      q[g], indices[g] = vq["q"], idx
+      mu_sigma[g] = (hp["mu"], hp["sigma"])
+    bits["z"] = z_bits
+    bits["map"] = granularity.map_bits(gmap, ratios)
+    total = sum(bits.values())
+    recon = self.synthesize(q, gmap, xp.shape[1:3])[:, :H, :W]
+    return dict(recon=recon, indices=indices, masks=masks, gmap=gmap, bits=bits,
+                bpp=total / (H * W), codebook_loss=cb_loss, commitment_loss=commit_loss,
+                prior=mu_sigma, y=a["y"])
+
+
+def build(model_cfg: ml_collections.ConfigDict) -> HVQ:
+  validate(model_cfg)
+  return HVQ(ml_collections.FrozenConfigDict(model_cfg))
+
+
+def init_params(model: HVQ, rng: jax.Array, image_size: int = 64, lmbda: float = 1.0):
+  """Initialise params with a dummy batch (plain pytree, f32)."""
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  ratios = jnp.array([0.1, 0.4, 0.5], jnp.float32)
+  init = jax.jit(lambda r: model.init({"params": r, "noise": r}, x, jnp.full((1,), lmbda),
+                                      ratios, training=False)["params"])
+  return init(rng)

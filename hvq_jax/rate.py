@@ -1,0 +1,72 @@
+"""The hyperprior's rate model for VQ indices (METHOD.md step 5).
+
+p(k | z_hat) is N(mu, diag sigma^2) evaluated at every codebook entry and normalised
+over the K entries: a softmax over negative Mahalanobis distances. All maths in f32
+whatever the input dtype.
+
+Memory: pricing P positions materialises a [P, K] logit block. `index_bits` can walk
+the positions in chunks under `jax.checkpoint`, so forward and backward hold only
+[chunk, K] at a time (the chunk is a config field, `model.rate_chunk`).
+"""
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+LN2 = math.log(2.0)
+
+
+def _neg_half_mahalanobis(mu, sigma, codebook):
+  """-1/2 sum_d ((e_kd - mu_d) / sigma_d)^2: [..., D] x [K, D] -> [..., K]."""
+  diff = (codebook - mu[..., None, :]) / sigma[..., None, :]
+  return -0.5 * jnp.sum(diff * diff, axis=-1)
+
+
+def index_log_probs(mu: jax.Array, sigma: jax.Array, codebook: jax.Array) -> jax.Array:
+  """Natural-log probabilities of every index: mu, sigma [..., D], codebook [K, D] -> [..., K]."""
+  mu, sigma, codebook = (a.astype(jnp.float32) for a in (mu, sigma, codebook))
+  logits = _neg_half_mahalanobis(mu, sigma, codebook)
+  return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def straight_through(y: jax.Array, chosen: jax.Array) -> jax.Array:
+  """y + stop_gradient(e_k* - y): forward value e_k*, gradient into y.
+
+  Used as the chosen entry in the rate so the forward bits are exact and the backward
+  pass pulls the encoder's y toward likely entries (our choice, METHOD.md).
+  """
+  return y + jax.lax.stop_gradient(chosen - y)
+
+
+def _bits_flat(mu, sigma, chosen, codebook):
+  logits = _neg_half_mahalanobis(mu, sigma, codebook)
+  d = (chosen - mu) / sigma
+  return (jax.nn.logsumexp(logits, axis=-1) + 0.5 * jnp.sum(d * d, axis=-1)) / LN2
+
+
+def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: jax.Array,
+               y: Optional[jax.Array] = None,
+               chunk_size: Optional[int] = None) -> jax.Array:
+  """-log2 p(indices | mu, sigma): mu, sigma [..., D], indices [...] -> bits [...] (f32).
+
+  With `y` (the encoder's continuous vector, [..., D]) the chosen entry enters through
+  `straight_through(y, e_k*)`: same value, gradient into the encoder.
+  With `chunk_size`, positions are priced `chunk_size` at a time, rematerialised in the
+  backward pass, so peak memory is [chunk_size, K] rather than [positions, K].
+  """
+  codebook = codebook.astype(jnp.float32)
+  batch_shape = indices.shape
+  dim = codebook.shape[-1]
+  chosen = jnp.take(codebook, indices, axis=0)
+  if y is not None:
+    chosen = straight_through(y.astype(jnp.float32), chosen)
+  mu = mu.astype(jnp.float32).reshape(-1, dim)
+  sigma = sigma.astype(jnp.float32).reshape(-1, dim)
+  chosen = chosen.reshape(-1, dim)
+  if chunk_size is None or mu.shape[0] <= chunk_size:
+    bits = _bits_flat(mu, sigma, chosen, codebook)
+  else:
+    fn = jax.checkpoint(lambda a: _bits_flat(a[0], a[1], a[2], codebook))
+    bits = jax.lax.map(fn, (mu, sigma, chosen), batch_size=chunk_size)
+  return bits.reshape(batch_shape)

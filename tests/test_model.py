@@ -1,0 +1,97 @@
+"""Whole-model properties: shapes, sent-index counts, gradients to every part."""
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from hvq_jax import model as model_lib
+from hvq_jax.encoder import GRANULARITIES
+
+
+def _apply(model, params, x, ratios, training=False, lmbda=1.0):
+  return _jit_apply(model, params, x, ratios, training, lmbda)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _jit_apply(model, params, x, ratios, training, lmbda):
+  return model.apply({"params": params}, x, jnp.full((x.shape[0],), lmbda),
+                     jnp.asarray(ratios, jnp.float32), training=training,
+                     rngs={"noise": jax.random.PRNGKey(0)})
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (64, 48)])
+def test_odd_sizes_pad_and_crop(micro, hw):
+  cfg, model, params = micro
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2,) + hw + (3,), minval=-1, maxval=1)
+  out = _apply(model, params, x, (0.1, 0.4, 0.5))
+  assert out["recon"].shape == x.shape and out["recon"].dtype == jnp.float32
+  hc, wc = -(-hw[0] // 16), -(-hw[1] // 16)
+  assert out["gmap"].shape == (2, hc, wc)
+  for g, s in zip(GRANULARITIES, cfg.model.strides):
+    assert out["indices"][g].shape == (2, hc * 16 // s, wc * 16 // s)
+  total = sum(out["bits"].values())
+  np.testing.assert_allclose(out["bpp"], total / (hw[0] * hw[1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("ratios", [(1, 0, 0), (0.1, 0.4, 0.5)])
+def test_index_counts_follow_map(micro, ratios):
+  _, model, params = micro
+  x = jax.random.uniform(jax.random.PRNGKey(2), (1, 64, 80, 3), minval=-1, maxval=1)
+  out = _apply(model, params, x, ratios)
+  gmap = np.asarray(out["gmap"])
+  per_patch = {"coarse": 1, "medium": 4, "fine": 16}
+  for gi, g in enumerate(GRANULARITIES):
+    assert int(out["masks"][g].sum()) == per_patch[g] * int((gmap == gi).sum())
+  if ratios == (1, 0, 0):
+    assert (gmap == 0).all()
+    assert float(out["bits"]["y_medium"][0]) == 0 and float(out["bits"]["y_fine"][0]) == 0
+
+
+def _leaves_with(params, needle):
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return [(jax.tree_util.keystr(p), v) for p, v in flat if needle in jax.tree_util.keystr(p)]
+
+
+def test_gradients_reach_every_part(micro):
+  _, model, params = micro
+  x = jax.random.uniform(jax.random.PRNGKey(3), (2, 64, 64, 3), minval=-1, maxval=1)
+
+  def loss(p):
+    out = _apply(model, p, x, (0.2, 0.3, 0.5), training=True)
+    return (jnp.mean(out["bpp"]) + jnp.mean(jnp.abs(out["recon"] - x))
+            + out["codebook_loss"] + 0.25 * out["commitment_loss"])
+
+  grads = jax.jit(jax.grad(loss))(params)
+  for part in ["encoder", "decoder", "codebook", "analysis_down", "synthesis_up", "bottleneck"]:
+    leaves = _leaves_with(grads, part)
+    assert leaves, part
+    norms = [float(jnp.linalg.norm(v)) for _, v in leaves]
+    assert all(np.isfinite(norms)), part
+    assert sum(norms) > 0, part
+
+
+def test_rate_gradient_reaches_encoder_through_straight_through(micro):
+  _, model, params = micro
+  x = jax.random.uniform(jax.random.PRNGKey(4), (1, 64, 64, 3), minval=-1, maxval=1)
+
+  def y_bits(p):
+    out = _apply(model, p, x, (0.0, 0.0, 1.0), training=True)
+    return jnp.sum(out["bits"]["y_fine"])
+
+  g = jax.jit(jax.grad(y_bits))(params)
+  head = _leaves_with(g, "head_fine")
+  assert sum(float(jnp.linalg.norm(v)) for _, v in head) > 0
+
+
+def test_bad_config_is_named():
+  from tests.conftest import micro_config
+  cfg = micro_config()
+  cfg.model.strides = (16, 8, 6)
+  with pytest.raises(model_lib.ConfigError, match="powers of two"):
+    model_lib.build(cfg.model)
+  cfg = micro_config()
+  cfg.model.ch = 15
+  with pytest.raises(model_lib.ConfigError, match="norm_groups"):
+    model_lib.build(cfg.model)
