@@ -18,9 +18,10 @@ def model_config() -> ml_collections.ConfigDict:
       granularity_bins=32,
       # Vector quantiser.
       codebook_size=1024, embed_dim=4, shared_codebook=True, l2_normalized=False,
+      codebook_init_scale=0.0,             # U(-s, s); 0 means taming's s = 1/K
       # Rate model.
       lambda_conditioning=True,
-      rate_straight_through=True,
+      rate_straight_through="scaled",      # exact | scaled | off (see rate.py)
       rate_chunk=8192,                     # positions priced at once ([chunk, K] logits)
       hyperprior=dict(channels=128, latent_channels=32, num_down=2,
                       sigma_min=1e-4, sigma_max=1e2),
@@ -34,5 +35,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = model_config()
   config.granularity = ml_collections.ConfigDict(dict(ratios=(0.1, 0.4, 0.5)))
   config.rd = ml_collections.ConfigDict(dict(lambdas=(0.5, 1.0, 2.0, 4.0), lmbda=1.0))
-  config.image_size = 256
+  config.image_size = 256                 # training crop (multiple of the coarse stride)
+  config.train = ml_collections.ConfigDict(dict(
+      batch_size=8,                       # global
+      num_steps=500_000, log_every=100, ckpt_every=5000, keep=3, keep_best=1,
+      async_checkpoint=True,
+      lr=5e-5, disc_lr=5e-5, b1=0.5, b2=0.9,          # Control-GIC's Adam
+      warmup_steps=5000, final_lr_frac=0.1, grad_clip=1.0,
+      ema_decay=0.0, max_bad_steps=20,
+  ))
+  config.loss = ml_collections.ConfigDict(dict(
+      rec="l1", w_rec=1.0, w_lpips=1.0, lpips_net="alexnet", lpips_weights="",
+      w_gan=0.1, disc_start=50_000, beta=0.25,
+  ))
+  config.disc = ml_collections.ConfigDict(dict(ch=64, n_layers=2))
+  config.data = ml_collections.ConfigDict(dict(
+      source="bundled",                   # bundled | folder | tfds
+      train_dir="", eval_dir="",
+      tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="",
+      min_scale=0.5, flip=True, num_workers=0,
+  ))
+  config.eval = ml_collections.ConfigDict(dict(enabled=True, image_size=256))
   return config

@@ -1,4 +1,9 @@
-"""Tiny HVQ-CGIC that trains on 2 CPU cores in minutes on the bundled photos."""
+"""Tiny HVQ-CGIC that trains on 2 CPU cores in minutes on the bundled photos.
+
+Same structure as the default (three granularities, hyperpriors, lambda conditioning);
+small channels, K=256, 64 px crops; LPIPS and the GAN off (no weights offline, and
+the GAN needs far more steps than a CPU demo has).
+"""
 from configs import default
 
 
@@ -9,7 +14,18 @@ def get_config():
   m.dec_ch, m.dec_ch_mult, m.dec_num_res_blocks = 32, (1, 1, 2, 2, 2), 1
   m.norm_groups = 8
   m.codebook_size = 256
+  m.codebook_init_scale = 1.0   # entries at the encoder's output scale: codes live from step 0
+  m.l2_normalized = True        # bounded VQ loss: unnormalised codes drifted away from y here
   m.hyperprior.channels, m.hyperprior.latent_channels = 32, 8
   m.rate_chunk = 0
   config.image_size = 64
+  config.rd.lambdas = (0.05, 0.2, 0.8)
+  config.rd.lmbda = 0.2
+  t = config.train
+  t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 8, 800, 50, 200
+  t.lr, t.disc_lr, t.b1, t.b2, t.warmup_steps = 1e-3, 1e-3, 0.9, 0.99, 100
+  config.loss.w_lpips = 0.0
+  config.loss.w_gan = 0.0
+  config.loss.disc_start = 1000
+  config.disc.ch = 32
   return config

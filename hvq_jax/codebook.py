@@ -18,16 +18,17 @@ def nearest_indices(y: jax.Array, codebook: jax.Array) -> jax.Array:
 
 
 class Codebook(nn.Module):
-  """K entries of dimension D (taming-transformers init: U(-1/K, 1/K)).
+  """K entries of dimension D, initialised U(-s, s) (taming-transformers: s = 1/K).
 
   With `l2_normalized`, both features and entries live on the unit sphere.
   """
   size: int
   dim: int
   l2_normalized: bool = False
+  init_scale: float = 0.0           # 0: taming's 1/K
 
   def setup(self):
-    bound = 1.0 / self.size
+    bound = self.init_scale or 1.0 / self.size
     self.embedding = self.param(
         "embedding",
         lambda key, shape: jax.random.uniform(key, shape, minval=-bound, maxval=bound),

@@ -50,5 +50,7 @@ class Decoder(nn.Module):
       if level != 0:
         h = layers.Upsample(self.dtype, name=f"up{level}_upsample")(h)
     h = nn.swish(layers.SpatialNorm(self.groups, self.dtype, name="norm_out")(h, cond))
+    # The adaptive GAN weight needs the last layer's input (see train.py).
+    self.sow("intermediates", "pre_out", h)
     h = layers.conv(self.out_channels, 3, self.dtype, name="conv_out")(h)
     return h.astype(jnp.float32)

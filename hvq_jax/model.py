@@ -42,6 +42,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        "hyperprior.num_down must be >= 1")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
        "need 0 < hyperprior.sigma_min < hyperprior.sigma_max")
+  need(cfg.rate_straight_through in ("exact", "scaled", "off"),
+       f"rate_straight_through must be 'exact', 'scaled' or 'off', got {cfg.rate_straight_through!r}")
   need(cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {cfg.dtype}")
 
 
@@ -84,11 +86,12 @@ class HVQ(nn.Module):
     self.decoder = Decoder(c.dec_ch, tuple(c.dec_ch_mult), c.dec_num_res_blocks,
                            tuple(c.dec_attn_strides), c.norm_groups, 3, dtype)
     if c.shared_codebook:
-      cb = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized, name="codebook")
+      cb = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized, c.codebook_init_scale,
+                    name="codebook")
       self.codebooks = {g: cb for g in GRANULARITIES}
     else:
       self.codebooks = {g: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized,
-                                    name=f"codebook_{g}") for g in GRANULARITIES}
+                                    c.codebook_init_scale, name=f"codebook_{g}") for g in GRANULARITIES}
     h = c.hyperprior
     self.hyper = {g: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
                                  h.sigma_min, h.sigma_max, dtype, name=f"hyper_{g}")
@@ -145,8 +148,9 @@ class HVQ(nn.Module):
       hp = self.hyper[g](a["y"][g], training)
       idx = vq["indices"]
       per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
-                                y=vq["y"] if c.rate_straight_through else None,
-                                chunk_size=c.rate_chunk or None)
+                                y=None if c.rate_straight_through == "off" else vq["y"],
+                                chunk_size=c.rate_chunk or None,
+                                straight_through_mode=c.rate_straight_through)
       m = masks[g].astype(jnp.float32)
       bits[f"y_{g}"] = jnp.sum(per_pos * m, axis=(1, 2))
       # z of a branch is sent only when that granularity has a sent position.

@@ -39,6 +39,19 @@ def straight_through(y: jax.Array, chosen: jax.Array) -> jax.Array:
   return y + jax.lax.stop_gradient(chosen - y)
 
 
+def sigma_scaled_straight_through(y: jax.Array, chosen: jax.Array, sigma: jax.Array) -> jax.Array:
+  """Forward value e_k*, gradient into y scaled by stop_gradient(sigma^2).
+
+  The exact straight-through gradient of the rate, (e_k* - mu) / sigma^2, is unbounded
+  as the prior sharpens: in training it drove y away from the codebook (VQ loss 1e4
+  within 200 steps of the tiny config). Scaled by sigma^2 it is (e_k* - mu): a pull of
+  y toward the predicted mean, proportional to the distance. Our choice; config
+  `model.rate_straight_through` picks 'exact', 'scaled' or 'off'.
+  """
+  s2 = jax.lax.stop_gradient(sigma * sigma)
+  return jax.lax.stop_gradient(chosen) + (y - jax.lax.stop_gradient(y)) * s2
+
+
 def _bits_flat(mu, sigma, chosen, codebook):
   logits = _neg_half_mahalanobis(mu, sigma, codebook)
   d = (chosen - mu) / sigma
@@ -47,11 +60,12 @@ def _bits_flat(mu, sigma, chosen, codebook):
 
 def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: jax.Array,
                y: Optional[jax.Array] = None,
-               chunk_size: Optional[int] = None) -> jax.Array:
+               chunk_size: Optional[int] = None, straight_through_mode: str = "exact") -> jax.Array:
   """-log2 p(indices | mu, sigma): mu, sigma [..., D], indices [...] -> bits [...] (f32).
 
   With `y` (the encoder's continuous vector, [..., D]) the chosen entry enters through
-  `straight_through(y, e_k*)`: same value, gradient into the encoder.
+  `straight_through(y, e_k*)` (mode 'exact') or `sigma_scaled_straight_through` (mode
+  'scaled'): same value, gradient into the encoder.
   With `chunk_size`, positions are priced `chunk_size` at a time, rematerialised in the
   backward pass, so peak memory is [chunk_size, K] rather than [positions, K].
   """
@@ -60,7 +74,14 @@ def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: ja
   dim = codebook.shape[-1]
   chosen = jnp.take(codebook, indices, axis=0)
   if y is not None:
-    chosen = straight_through(y.astype(jnp.float32), chosen)
+    if straight_through_mode == "exact":
+      chosen = straight_through(y.astype(jnp.float32), chosen)
+    elif straight_through_mode == "scaled":
+      chosen = sigma_scaled_straight_through(y.astype(jnp.float32), chosen,
+                                             sigma.astype(jnp.float32))
+    else:
+      raise ValueError(f"straight_through_mode must be 'exact' or 'scaled', "
+                       f"got {straight_through_mode!r}")
   mu = mu.astype(jnp.float32).reshape(-1, dim)
   sigma = sigma.astype(jnp.float32).reshape(-1, dim)
   chosen = chosen.reshape(-1, dim)

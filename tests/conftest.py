@@ -5,6 +5,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import pytest
 
+# Many tests compile the same small programs: share compiled executables on disk.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("HVQ_TEST_JIT_CACHE", "/tmp/hvq_jax_test_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
 from configs import tiny_cpu
 from hvq_jax import model as model_lib
 

@@ -75,3 +75,14 @@ def test_straight_through_value_and_gradient():
   # d bits / d y = (y_st - mu) / sigma^2 / ln 2 evaluated at the chosen entry.
   want = (np.asarray(codebook)[idx] - mu) / sigma ** 2 / np.log(2)
   np.testing.assert_allclose(g, want, rtol=1e-4)
+
+
+def test_sigma_scaled_straight_through_gradient():
+  mu, sigma, codebook = random_inputs(6, (10,), 32, 4)
+  idx = np.arange(10) % 32
+  y = np.asarray(codebook)[idx] - 0.05
+  f = lambda y_: jnp.sum(rate.index_bits(mu, sigma, codebook, idx, y=y_,
+                                         straight_through_mode="scaled"))
+  np.testing.assert_allclose(f(y), jnp.sum(rate.index_bits(mu, sigma, codebook, idx)), rtol=1e-6)
+  want = (np.asarray(codebook)[idx] - mu) / np.log(2)
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(y))), want, rtol=1e-4, atol=1e-6)
