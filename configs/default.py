@@ -56,4 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
       min_scale=0.5, flip=True, num_workers=0,
   ))
   config.eval = ml_collections.ConfigDict(dict(enabled=True, image_size=256))
+  # Real entropy coding (codec.py): the grid mu and log(sigma) are quantised to before
+  # PMFs are built, the clipping range of z_hat, and the largest image accepted.
+  config.codec = ml_collections.ConfigDict(dict(
+      mu_step=2.0 ** -12, log_sigma_step=2.0 ** -8, z_range=64,
+      max_pixels=4096 * 4096, pmf_chunk=2048))
   return config

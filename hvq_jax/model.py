@@ -112,6 +112,24 @@ class HVQ(nn.Module):
   def codebook_entries(self, g: str) -> jax.Array:
     return self.codebooks[g].entries()
 
+  def encode_latents(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
+    """Padded x -> map, indices {g: [B, h_g, w_g]} and continuous z {g: [B, ., ., C_z]}."""
+    a = self.analyze(x, lmbda, ratios)
+    idx = {g: self.codebooks[g](a["y"][g])["indices"] for g in GRANULARITIES}
+    z = {g: self.hyper[g].analysis(a["y"][g]) for g in GRANULARITIES}
+    return dict(gmap=a["gmap"], indices=idx, z=z)
+
+  def z_likelihoods(self, g: str, support: jax.Array) -> jax.Array:
+    """P(z_hat = n) for n in `support` [n] and every channel -> [C_z, n] (table building)."""
+    c = self.cfg.hyperprior.latent_channels
+    grid = jnp.broadcast_to(support.astype(jnp.float32)[:, None], (support.shape[0], c))
+    return self.hyper[g].bottleneck.likelihood(grid).T
+
+  def decode_latents(self, indices: Dict[str, jax.Array], gmap: jax.Array, out_hw) -> jax.Array:
+    """Indices + map -> image [B, H, W, 3] in [-1, 1] at the padded size `out_hw`."""
+    q = {g: jnp.take(self.codebooks[g].entries(), indices[g], axis=0) for g in GRANULARITIES}
+    return self.synthesize(q, gmap, out_hw)
+
   def synthesize(self, q: Dict[str, jax.Array], gmap: jax.Array, out_hw) -> jax.Array:
     """Quantised embeddings {g: [B, h_g, w_g, D]} + map -> image [B, H, W, 3] (padded size)."""
     strides = tuple(self.cfg.strides)

@@ -1,0 +1,114 @@
+"""The .hvq file format: a versioned container around one range-coded payload.
+
+Layout (little-endian):
+  magic    4 bytes  b"HVQC"
+  version  u8       FORMAT_VERSION
+  model    8 bytes  fingerprint of the params and config that wrote it
+  height   u32, width u32                      original image size
+  lmbda    f32                                 rate setting used by the encoder
+  counts   3 x u32                             coarse/medium/fine patch counts (the ratios)
+  length   u32                                 payload size in 32-bit words
+  payload  length x u32                        constriction range-coder words
+  crc32    u32                                 over everything above
+
+The payload holds, in order: the granularity map (one symbol per coarse patch, class
+frequencies = counts), z_hat of each granularity that has sent positions (factorized
+prior tables), and the VQ indices of sent positions (per-position hyperprior PMFs).
+"""
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import constriction
+
+MAGIC = b"HVQC"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sB8sIIf3II")
+_CRC = struct.Struct("<I")
+MAX_PIXELS = 1 << 26  # 64 Mpixel: beyond this a header is rejected before any allocation
+
+
+class BitstreamError(ValueError):
+  """A file that is not a valid .hvq bitstream for this model; the message says why."""
+
+
+@dataclass(frozen=True)
+class Header:
+  fingerprint: bytes
+  height: int
+  width: int
+  lmbda: float
+  counts: Tuple[int, int, int]
+
+
+def pack(header: Header, payload: np.ndarray) -> bytes:
+  payload = np.asarray(payload, dtype="<u4")
+  head = _HEADER.pack(MAGIC, FORMAT_VERSION, header.fingerprint, header.height, header.width,
+                      header.lmbda, *header.counts, payload.size)
+  body = head + payload.tobytes()
+  return body + _CRC.pack(zlib.crc32(body))
+
+
+def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
+  """Parse and verify the container; raises BitstreamError naming the problem."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise BitstreamError(f"expected bytes, got {type(data).__name__}")
+  data = bytes(data)
+  if len(data) < 4 or data[:4] != MAGIC:
+    raise BitstreamError("not an .hvq bitstream (wrong magic bytes)")
+  if len(data) < _HEADER.size + _CRC.size:
+    raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
+  magic, version, fp, h, w, lmbda, c0, c1, c2, n_words = _HEADER.unpack_from(data)
+  if version != FORMAT_VERSION:
+    raise BitstreamError(f"unsupported format version {version} (this reader knows "
+                         f"version {FORMAT_VERSION})")
+  expected = _HEADER.size + 4 * n_words + _CRC.size
+  if len(data) < expected:
+    raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header says {expected}")
+  if len(data) > expected:
+    raise BitstreamError(f"trailing data: {len(data)} bytes, header says {expected}")
+  (crc,) = _CRC.unpack_from(data, expected - _CRC.size)
+  if zlib.crc32(data[:expected - _CRC.size]) != crc:
+    raise BitstreamError("checksum mismatch: the bitstream is corrupted")
+  if not (0 < h and 0 < w and h * w <= MAX_PIXELS):
+    raise BitstreamError(f"invalid image size {h}x{w} in header")
+  if not np.isfinite(lmbda) or lmbda <= 0:
+    raise BitstreamError(f"invalid lambda {lmbda} in header")
+  payload = np.frombuffer(data, dtype="<u4", count=n_words, offset=_HEADER.size).astype(np.uint32)
+  return Header(fp, h, w, float(lmbda), (c0, c1, c2)), payload
+
+
+# ---- range coding -------------------------------------------------------------------------
+def _family():
+  # perfect=False: fast, and identical on encoder and decoder by construction.
+  return constriction.stream.model.Categorical(perfect=False)
+
+
+def encode_streams(streams: Sequence[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+  """[(symbols int32 [n], probabilities float64 [n, A])...] -> uint32 words."""
+  enc = constriction.stream.queue.RangeEncoder()
+  family = _family()
+  for symbols, probs in streams:
+    if len(symbols):
+      enc.encode(np.ascontiguousarray(symbols, np.int32), family,
+                 np.ascontiguousarray(probs, np.float64))
+  return enc.get_compressed()
+
+
+class StreamDecoder:
+  """Decodes streams in the order they were encoded; any failure is a BitstreamError."""
+
+  def __init__(self, payload: np.ndarray):
+    self._dec = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(payload, np.uint32))
+    self._family = _family()
+
+  def decode(self, probs: np.ndarray) -> np.ndarray:
+    if probs.shape[0] == 0:
+      return np.zeros((0,), np.int32)
+    try:
+      return np.asarray(self._dec.decode(self._family, np.ascontiguousarray(probs, np.float64)),
+                        np.int32)
+    except Exception as e:  # constriction raises on exhausted or inconsistent data
+      raise BitstreamError(f"payload cannot be decoded ({type(e).__name__}: {e})") from None

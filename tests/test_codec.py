@@ -1,0 +1,198 @@
+"""The real codec: round trip against the model's forward, file size vs estimate, bad input."""
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from hvq_jax import bitstream, codec, images, train
+from hvq_jax.bitstream import BitstreamError
+from hvq_jax.encoder import GRANULARITIES
+from tests.conftest import micro_config
+
+
+def _workdir(tmp_path_factory, name, seed):
+  c = micro_config()
+  c.seed = seed
+  c.train.num_steps = 0
+  c.train.async_checkpoint = False
+  c.eval.enabled = False
+  d = str(tmp_path_factory.mktemp(name))
+  train.train_and_evaluate(c, d, progress=False)
+  return d
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+  return _workdir(tmp_path_factory, "codec_model", 0)
+
+
+@pytest.fixture(scope="module")
+def cmodel(ckpt_dir):
+  return codec.load_model(ckpt_dir)
+
+
+@pytest.fixture(scope="module")
+def photo():
+  return images.bundled_photo("coffee")[100:164, 200:277]   # 64x77: odd width
+
+
+@pytest.fixture(scope="module")
+def encoded(cmodel, photo):
+  return codec.compress(cmodel, photo)
+
+
+def _forward(cmodel, img, lmbda, ratios):
+  """The model's own eval-mode forward on the same padded input."""
+  m = cmodel.cfg.strides[0]
+  xp = np.pad(img, ((0, (-img.shape[0]) % m), (0, (-img.shape[1]) % m), (0, 0)), mode="edge")
+  recon, bpp, idx, masks = jax.device_get(train._forward(
+      cmodel.model, cmodel.params, xp[None], lmbda, jnp.asarray(ratios, jnp.float32)))
+  return recon[0, :img.shape[0], :img.shape[1]], bpp[0] * xp.shape[0] * xp.shape[1], idx, masks
+
+
+@pytest.mark.parametrize("name,crop", [
+    ("coffee", (slice(100, 164), slice(200, 277))),   # 64x77
+    ("coffee", (slice(0, 37), slice(0, 53))),         # 37x53: smaller than one stride multiple
+    ("chelsea", (slice(None), slice(None))),          # 300x451: the whole photo
+])
+def test_round_trip_matches_forward(cmodel, name, crop):
+  img = images.bundled_photo(name)[crop]
+  data = codec.compress(cmodel, img)
+  out = codec.decompress(cmodel, data)
+  assert out.shape == img.shape and out.dtype == np.uint8
+  recon, bits, idx, masks = _forward(cmodel, img, cmodel.default_lmbda, cmodel.default_ratios)
+  assert np.abs(out.astype(int) - recon.astype(int)).max() <= 1
+  _, dec_idx, _ = codec.decode_indices(cmodel, data)
+  for g in GRANULARITIES:   # the same indices at every sent position
+    m = np.asarray(masks[g])
+    np.testing.assert_array_equal(dec_idx[g][m], np.asarray(idx[g])[m])
+
+
+def test_file_size_close_to_estimate(cmodel, photo, encoded):
+  recon, bits, _, _ = _forward(cmodel, photo, cmodel.default_lmbda, cmodel.default_ratios)
+  header, payload = bitstream.unpack(encoded)
+  payload_bytes = 4 * payload.size
+  est_bytes = float(bits) / 8
+  assert abs(payload_bytes - est_bytes) <= 0.01 * est_bytes + 64, (payload_bytes, est_bytes)
+
+
+def test_ratios_and_lambda_in_header(cmodel, photo):
+  data = codec.compress(cmodel, photo, lmbda=0.7, ratios=(1.0, 0.0, 0.0))
+  header, _ = bitstream.unpack(data)
+  assert header.lmbda == pytest.approx(0.7)
+  assert header.counts[1:] == (0, 0)
+  out = codec.decompress(cmodel, data)
+  recon, _, _, _ = _forward(cmodel, photo, 0.7, (1.0, 0.0, 0.0))
+  assert np.abs(out.astype(int) - recon.astype(int)).max() <= 1
+
+
+def test_decoding_is_independent_of_process(ckpt_dir, encoded, cmodel, photo):
+  script = ("import sys, numpy as np; from hvq_jax import codec; "
+            "m = codec.load_model(sys.argv[1]); "
+            "sys.stdout.buffer.write(codec.decompress(m, open(sys.argv[2], 'rb').read()).tobytes())")
+  path = os.path.join(ckpt_dir, "x.hvq")
+  with open(path, "wb") as f:
+    f.write(encoded)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  out = subprocess.run([sys.executable, "-c", script, ckpt_dir, path], capture_output=True,
+                       env=env, check=True).stdout
+  np.testing.assert_array_equal(np.frombuffer(out, np.uint8).reshape(photo.shape),
+                                codec.decompress(cmodel, encoded))
+
+
+def _with_crc(body: bytes) -> bytes:
+  return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda d: d[:10], "truncated"),
+    (lambda d: d[:-9], "truncated"),
+    (lambda d: b"JUNK" + d[4:], "magic"),
+    (lambda d: d[:100] + bytes([d[100] ^ 0x10]) + d[101:], "checksum"),
+    (lambda d: _with_crc(d[:4] + bytes([9]) + d[5:-4]), "version"),
+    (lambda d: d + b"\0", "trailing"),
+    (lambda d: b"", "magic"),
+])
+def test_bad_bitstreams_rejected(cmodel, encoded, mutate, match):
+  with pytest.raises(BitstreamError, match=match):
+    codec.decompress(cmodel, mutate(encoded))
+
+
+def test_wrong_model_rejected(tmp_path_factory, encoded):
+  other = codec.load_model(_workdir(tmp_path_factory, "other_model", 1))
+  with pytest.raises(BitstreamError, match="different model"):
+    codec.decompress(other, encoded)
+
+
+def test_forged_header_counts_rejected(cmodel, encoded):
+  fmt = "<4sB8sIIf3II"
+  fields = list(struct.unpack_from(fmt, encoded))
+  fields[6] += 1  # one more coarse patch than the image has
+  body = struct.pack(fmt, *fields) + encoded[struct.calcsize(fmt):-4]
+  with pytest.raises(BitstreamError, match="do not add up"):
+    codec.decompress(cmodel, _with_crc(body))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_only_bitstream_errors(cmodel, encoded, data):
+  d = bytearray(encoded)
+  op = data.draw(st.sampled_from(["flip", "truncate", "insert", "payload_fixed_crc"]))
+  if op == "flip":
+    i = data.draw(st.integers(0, len(d) - 1))
+    d[i] ^= 1 << data.draw(st.integers(0, 7))
+  elif op == "truncate":
+    d = d[:data.draw(st.integers(0, len(d) - 1))]
+  elif op == "insert":
+    i = data.draw(st.integers(0, len(d)))
+    d[i:i] = data.draw(st.binary(min_size=1, max_size=8))
+  else:  # corrupt the payload but keep the checksum valid: the range decoder must cope
+    body = bytearray(encoded[:-4])
+    i = data.draw(st.integers(44, len(body) - 1))
+    body[i] = data.draw(st.integers(0, 255))
+    d = bytearray(_with_crc(bytes(body)))
+  try:
+    out = codec.decompress(cmodel, bytes(d))
+    assert out.dtype == np.uint8  # a payload change can still decode to some image
+  except BitstreamError:
+    pass
+
+
+def test_bad_images_rejected(cmodel):
+  with pytest.raises(images.ImageError, match="shape"):
+    codec.compress(cmodel, np.zeros((8, 8, 7), np.uint8))
+  big = np.zeros((1, cmodel.codec["max_pixels"] + 1), np.uint8)
+  with pytest.raises(images.ImageError, match="over the limit"):
+    codec.compress(cmodel, big)
+  with pytest.raises(ValueError, match="ratios"):
+    codec.compress(cmodel, np.zeros((16, 16, 3), np.uint8), ratios=(0.5, 0.6, 0.1))
+
+
+def test_cli_round_trip_and_errors(ckpt_dir, tmp_path):
+  src = tmp_path / "in"
+  src.mkdir()
+  Image.fromarray(images.bundled_photo("chelsea")[:48, :40]).save(src / "a.png")
+  Image.fromarray(images.bundled_photo("coffee")[:33, :50]).convert("L").save(src / "b.jpg")
+  run = lambda *a: subprocess.run([sys.executable, "-m", "hvq_jax.cli", *a], capture_output=True, text=True)
+  r = run("compress", str(src), "-o", str(tmp_path / "enc"), "--checkpoint", ckpt_dir, "--no-progress")
+  assert r.returncode == 0, r.stderr
+  assert sorted(os.listdir(tmp_path / "enc")) == ["a.hvq", "b.hvq"]
+  r = run("decompress", str(tmp_path / "enc"), "-o", str(tmp_path / "dec"), "--checkpoint", ckpt_dir)
+  assert r.returncode == 0, r.stderr
+  assert np.asarray(Image.open(tmp_path / "dec" / "b.png")).shape == (33, 50, 3)
+  bad = tmp_path / "bad.hvq"
+  bad.write_bytes((tmp_path / "enc" / "a.hvq").read_bytes()[:-20])
+  r = run("decompress", str(bad), "-o", str(tmp_path / "bad.png"), "--checkpoint", ckpt_dir)
+  assert r.returncode == 1 and "truncated" in r.stderr
+  assert not (tmp_path / "bad.png").exists()
+  assert not [f for f in os.listdir(tmp_path) if f.startswith(".hvq-")]
+  r = run("decompress", str(bad), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "nope"))
+  assert r.returncode != 0 and "no such checkpoint" in r.stderr
