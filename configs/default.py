@@ -23,8 +23,12 @@ def model_config() -> ml_collections.ConfigDict:
       lambda_conditioning=True,
       rate_straight_through="scaled",      # exact | scaled | off (see rate.py)
       rate_chunk=8192,                     # positions priced at once ([chunk, K] logits)
-      hyperprior=dict(channels=128, latent_channels=32, num_down=2,
-                      sigma_min=1e-4, sigma_max=1e2),
+      # z: 8 channels per 4x4 block of D=4 vectors (<= 16 indices of log2 K bits): side
+      # information must stay well below what it saves.
+      hyperprior=dict(channels=128, latent_channels=8, num_down=2,
+                      sigma_min=1e-4, sigma_max=1e2,
+                      mask_z=True,         # send z only where its granularity is sent
+                      index_bias=True),    # + a learned static logit per entry (rate.py)
       dtype="float32",
   ))
 

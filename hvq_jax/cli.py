@@ -10,6 +10,9 @@ commands:
   compress    IMAGE_OR_FOLDER... -o OUT --checkpoint DIR [--lmbda L] [--ratios c,m,f]
               [--target-bpp B]
   decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR
+  eval        --checkpoint DIR --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
+              [--lmbdas 0.05,0.2] [--ratios 'c,m,f;c,m,f'] [--lpips-weights DIR]
+  plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC]
 """
 
 
@@ -124,6 +127,72 @@ def _codec_command(cmd, argv):
   return 1 if failures else 0
 
 
+def _eval(argv):
+  import argparse
+  ap = argparse.ArgumentParser(prog="hvq eval")
+  ap.add_argument("--checkpoint", required=True, help="training workdir or its checkpoints/")
+  ap.add_argument("--out", required=True, help="results folder (results.csv, summary.json)")
+  ap.add_argument("--images", default="bundled:heldout",
+                  help="a folder of images (Kodak, CLIC), bundled:heldout, or tfds:NAME[:SPLIT]")
+  ap.add_argument("--tfds-data-dir", default="")
+  ap.add_argument("--limit", type=int, default=0, help="use only the first N images")
+  ap.add_argument("--lmbdas", default=None, help="comma-separated; default: the trained lambdas")
+  ap.add_argument("--ratios", default=None, help="'c,m,f;c,m,f'; default: the trained ratios")
+  ap.add_argument("--fit-images", default="bundled:train",
+                  help="images the static-histogram baseline is fitted on (the training set)")
+  ap.add_argument("--baselines", default="jpeg,webp,avif")
+  ap.add_argument("--lpips-net", default="alexnet", choices=("alexnet", "vgg16"))
+  ap.add_argument("--lpips-weights", default=None, help="folder with alexnet/vgg16 .ckpt or .safetensors")
+  ap.add_argument("--no-recon", action="store_true", help="do not save our reconstructions")
+  ap.add_argument("--no-progress", action="store_true")
+  a = ap.parse_args(argv)
+  from hvq_jax import codec, evaluate, images
+  from hvq_jax.model import ConfigError
+  try:
+    cmodel = codec.load_model(a.checkpoint)
+    settings = evaluate.parse_settings(a.lmbdas, a.ratios, cmodel)
+    imgs = evaluate.load_images(a.images, a.tfds_data_dir, a.limit)
+    fit = evaluate.load_images(a.fit_images, a.tfds_data_dir)
+  except (codec.CheckpointError, images.ImageError, ConfigError, ValueError, ImportError) as e:
+    sys.exit(f"hvq eval: {e}")
+  summary = evaluate.run(cmodel, imgs, settings, a.out, fit,
+                         [b for b in a.baselines.split(",") if b], a.lpips_net, a.lpips_weights,
+                         save_recon=not a.no_recon, progress=not a.no_progress,
+                         command="hvq eval " + " ".join(argv))
+  print(f"hyperprior saving vs static histogram: {summary['hyperprior_saving_vs_static']:+.1%} "
+        f"(vs Huffman {summary['hyperprior_saving_vs_huffman']:+.1%})")
+  for m, pts in summary["curves"].items():
+    print(f"{m}: " + "  ".join(f"{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for p in pts))
+  print(f"wrote {a.out}/results.csv and {a.out}/summary.json")
+  return 0
+
+
+def _plot(argv):
+  import argparse
+  ap = argparse.ArgumentParser(prog="hvq plot")
+  ap.add_argument("results", nargs="+", help="folders written by hvq eval")
+  ap.add_argument("--out", default=None, help="default: the first results folder")
+  ap.add_argument("--strip", default=None, help="image name for a side-by-side strip")
+  ap.add_argument("--images", default="bundled:heldout", help="where the strip's original is")
+  ap.add_argument("--setting", default=None, help="our setting for the strip (default: middle)")
+  ap.add_argument("--no-published", action="store_true")
+  a = ap.parse_args(argv)
+  from hvq_jax import evaluate, images, plots
+  out = a.out or a.results[0]
+  try:
+    files = plots.rd_plots(a.results, out, not a.no_published)
+    if a.strip:
+      imgs = evaluate.load_images(a.images)
+      if a.strip not in imgs:
+        sys.exit(f"hvq plot: no image {a.strip!r} in {a.images} (have {sorted(imgs)})")
+      files.append(plots.image_strip(a.results[0], a.strip, imgs[a.strip],
+                                     os.path.join(out, f"strip_{a.strip}.png"), a.setting))
+  except (FileNotFoundError, images.ImageError, KeyError) as e:
+    sys.exit(f"hvq plot: {e}")
+  print("\n".join(files))
+  return 0
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
@@ -134,6 +203,10 @@ def main(argv=None):
     return _train(rest)
   if cmd in ("compress", "decompress"):
     return _codec_command(cmd, rest)
+  if cmd == "eval":
+    return _eval(rest)
+  if cmd == "plot":
+    return _plot(rest)
   print(f"hvq: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
   return 2
 

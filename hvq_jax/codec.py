@@ -43,15 +43,18 @@ def fingerprint(params, model_cfg) -> bytes:
 
 
 def index_pmfs(mu: np.ndarray, sigma: np.ndarray, codebook: np.ndarray, mu_step: float,
-               log_sigma_step: float, chunk: int = 2048) -> np.ndarray:
-  """[n, D] mu, sigma -> [n, K] float64 PMFs on the quantised (mu, log sigma) grid."""
+               log_sigma_step: float, chunk: int = 2048,
+               log_prior: Optional[np.ndarray] = None) -> np.ndarray:
+  """[n, D] mu, sigma -> [n, K] float64 PMFs on the quantised (mu, log sigma) grid,
+  with the static per-entry logits `log_prior` [K] when the model has them."""
   cb = np.asarray(codebook, np.float64)
+  bias = 0.0 if log_prior is None else np.asarray(log_prior, np.float64)[None]
   mu_q = np.round(np.asarray(mu, np.float64) / mu_step) * mu_step
   inv = np.exp(-np.round(np.log(np.asarray(sigma, np.float64)) / log_sigma_step) * log_sigma_step)
   out = np.empty((mu_q.shape[0], cb.shape[0]), np.float64)
   for s in range(0, mu_q.shape[0], chunk):
     d = (cb[None] - mu_q[s:s + chunk, None]) * inv[s:s + chunk, None]
-    logits = -0.5 * np.einsum("nkd,nkd->nk", d, d)
+    logits = -0.5 * np.einsum("nkd,nkd->nk", d, d) + bias
     logits -= logits.max(-1, keepdims=True)
     p = np.exp(logits)
     out[s:s + chunk] = p / p.sum(-1, keepdims=True)
@@ -93,6 +96,8 @@ class CodecModel:
         "z_likelihoods", g, support)), np.float64) for g in GRANULARITIES}
     self.codebooks = {g: np.asarray(jax.device_get(self._apply("codebook_entries", g)))
                       for g in GRANULARITIES}
+    self.log_priors = {g: np.asarray(jax.device_get(self._apply("index_log_prior", g)))
+                       for g in GRANULARITIES}
     self.default_lmbda = float(config.rd.lmbda)
     self.default_ratios = tuple(float(v) for v in config.granularity.ratios)
 
@@ -159,12 +164,22 @@ def _pad(img: np.ndarray, m: int) -> np.ndarray:
   return np.pad(img, ((0, (-h) % m), (0, (-w) % m), (0, 0)), mode="edge")
 
 
-def _streams_for_z(model, g, z_hat):
+def _streams_for_z(model, g, z_hat, zmask):
+  """Symbols and PMFs of z_hat [1, h, w, C] at the sent z positions zmask [1, h, w]."""
   r = int(model.codec["z_range"])
   c = z_hat.shape[-1]
-  symbols = (z_hat.reshape(-1) + r).astype(np.int32)
+  symbols = (z_hat[zmask].reshape(-1) + r).astype(np.int32)
   channel = np.tile(np.arange(c), symbols.size // c)
   return symbols, model.z_tables[g][channel]
+
+
+def _z_masks(model, masks, z_shapes):
+  """Which z positions are sent: all of them, or (mask_z) those over sent positions."""
+  if model.cfg.hyperprior.get("mask_z", False):
+    zm = model_lib.z_masks({g: jnp.asarray(m) for g, m in masks.items()},
+                           model.cfg.hyperprior.num_down)
+    return {g: np.asarray(m) for g, m in zm.items()}
+  return {g: np.ones(z_shapes[g], bool) for g in masks}
 
 
 def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
@@ -174,7 +189,8 @@ def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
   d = mu.shape[-1]
   with _stage(timings, "pmf"):
     return index_pmfs(mu.reshape(-1, d)[m], sigma.reshape(-1, d)[m], model.codebooks[g],
-                    model.codec["mu_step"], model.codec["log_sigma_step"], model.codec["pmf_chunk"])
+                    model.codec["mu_step"], model.codec["log_sigma_step"], model.codec["pmf_chunk"],
+                    model.log_priors[g])
 
 
 def _masks(gmap: np.ndarray, strides) -> Dict[str, np.ndarray]:
@@ -183,10 +199,13 @@ def _masks(gmap: np.ndarray, strides) -> Dict[str, np.ndarray]:
 
 def compress(model: CodecModel, image, lmbda: Optional[float] = None,
              ratios: Optional[Sequence[float]] = None,
-             target_bpp: Optional[float] = None, timings: Optional[dict] = None) -> bytes:
+             target_bpp: Optional[float] = None, timings: Optional[dict] = None,
+             stats: Optional[dict] = None) -> bytes:
   """uint8 image [H, W] / [H, W, 3|4] -> .hvq bytes. With `target_bpp`, the rate
   settings are searched (see `search_rate`) and `lmbda`/`ratios` are starting points.
-  `timings`, if given, receives seconds per stage (model, pmf, range_coding)."""
+  `timings`, if given, receives seconds per stage (model, pmf, range_coding); `stats`
+  receives each stream's ideal code length in bits (`bits`: map, z, y_coarse, ...) and
+  the sent indices {g: int32 [n_g]} (`indices`), for evaluation."""
   img = _prepare(model, image)
   if target_bpp is not None:
     return search_rate(model, img, target_bpp, ratios)[0]
@@ -206,20 +225,33 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
   n = gmap.size
   counts = np.bincount(gmap.reshape(-1), minlength=3)
   streams = [(gmap.reshape(-1), np.tile(counts / n, (n, 1)))]
+  names = ["map"]
   r = int(model.codec["z_range"])
+  masks = _masks(gmap[None], strides)
+  zmasks = _z_masks(model, masks, {g: lat["z"][g].shape[:3] for g in GRANULARITIES})
   z_hats = {}
   for gi, g in enumerate(GRANULARITIES):
     if counts[gi]:
-      z_hats[g] = np.clip(np.round(lat["z"][g]), -r, r).astype(np.float32)
-      streams.append(_streams_for_z(model, g, z_hats[g]))
-  masks = _masks(gmap[None], strides)
+      z_hats[g] = np.clip(np.round(lat["z"][g]), -r, r).astype(np.float32) * zmasks[g][..., None]
+      streams.append(_streams_for_z(model, g, z_hats[g], zmasks[g]))
+      names.append("z")
   for gi, g in enumerate(GRANULARITIES):
     if counts[gi]:
       idx = np.asarray(lat["indices"][g])
       probs = _index_probs(model, g, z_hats[g], idx.shape[1:3], masks[g], timings)
       streams.append((idx.reshape(-1)[masks[g].reshape(-1)], probs))
+      names.append(f"y_{g}")
   with _stage(timings, "range_coding"):
     payload = bitstream.encode_streams(streams)
+  if stats is not None:
+    bits = {k: 0.0 for k in ["map", "z"] + [f"y_{g}" for g in GRANULARITIES]}
+    for name, (sym, p) in zip(names, streams):
+      # constriction gives every symbol at least 2^-24 (its leaky quantisation)
+      bits[name] += float(-np.log2(np.maximum(p[np.arange(len(sym)), sym], 2.0 ** -24)).sum())
+    stats["bits"] = bits
+    stats["indices"] = {g: s for name, (s, _) in zip(names, streams) for g in GRANULARITIES
+                        if name == f"y_{g}"}
+    stats["counts"] = tuple(int(c) for c in counts)
   if timings is not None:
     timings["symbols"] = timings.get("symbols", 0) + sum(len(s[0]) for s in streams)
   header = bitstream.Header(model.fingerprint, h, w, lmbda, tuple(int(c) for c in counts))
@@ -264,15 +296,19 @@ def decode_indices(model: CodecModel, data: bytes, timings: Optional[dict] = Non
     raise BitstreamError("decoded granularity map contradicts the header's counts")
   r = int(model.codec["z_range"])
   c = model.cfg.hyperprior.latent_channels
+  masks = _masks(gmap, strides)
+  zmasks = _z_masks(model, masks, {g: (1,) + _z_grid(hp // s, wp // s, model.cfg.hyperprior.num_down)
+                                   for g, s in zip(GRANULARITIES, strides)})
   z_hats = {}
-  for gi, (g, s) in enumerate(zip(GRANULARITIES, strides)):
+  for gi, g in enumerate(GRANULARITIES):
     if counts[gi]:
-      zh, zw = _z_grid(hp // s, wp // s, model.cfg.hyperprior.num_down)
-      channel = np.tile(np.arange(c), zh * zw)
+      zm = zmasks[g]
+      channel = np.tile(np.arange(c), int(zm.sum()))
       with _stage(timings, "range_coding"):
         sym = dec.decode(model.z_tables[g][channel])
-      z_hats[g] = (sym.astype(np.float32) - r).reshape(1, zh, zw, c)
-  masks = _masks(gmap, strides)
+      z = np.zeros(zm.shape + (c,), np.float32)
+      z[zm] = (sym.astype(np.float32) - r).reshape(-1, c)
+      z_hats[g] = z
   indices = {}
   for gi, (g, s) in enumerate(zip(GRANULARITIES, strides)):
     grid = (hp // s, wp // s)

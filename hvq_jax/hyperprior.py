@@ -3,6 +3,11 @@
 z = H_a(y) (strided convs), z_hat = round(z) (uniform noise when training), priced
 by the factorized entropy bottleneck; (mu, sigma) = H_s(z_hat) in the D-dimensional
 embedding space, cropped back to y's grid.
+
+Our choice (config `hyperprior.mask_z`): a z position is sent only when its 2^n x 2^n
+block of y holds a position sent at this granularity; the rest are set to 0 on both sides
+(the decoder knows the granularity map before z). Without it every branch pays for z over
+the whole image although the map sends each granularity on a fraction of it.
 """
 import math
 from typing import Any
@@ -22,6 +27,7 @@ class HyperBranch(nn.Module):
   sigma_min: float
   sigma_max: float
   dtype: Any = jnp.float32
+  codebook_size: int = 0      # > 0: learn a static logit per codebook entry (rate.py)
 
   def setup(self):
     c = self.channels
@@ -33,6 +39,12 @@ class HyperBranch(nn.Module):
                                   name=f"synthesis_up{i}") for i in range(self.num_down)]
     self.s_out = nn.Conv(2 * self.embed_dim, (3, 3), dtype=self.dtype, name="synthesis_out")
     self.bottleneck = EntropyBottleneck(self.latent_channels, name="bottleneck")
+    if self.codebook_size:
+      self.index_bias = self.param("index_bias", nn.initializers.zeros, (self.codebook_size,))
+
+  def log_prior(self):
+    """The per-entry static logits [K] f32, or None when the branch has none."""
+    return self.index_bias.astype(jnp.float32) if self.codebook_size else None
 
   def analysis(self, y: jax.Array) -> jax.Array:
     """y [B, h, w, D] -> z [B, ceil(h / 2^n), ceil(w / 2^n), C_z] float32."""
@@ -53,8 +65,13 @@ class HyperBranch(nn.Module):
     log_sigma = jnp.clip(log_sigma, math.log(self.sigma_min), math.log(self.sigma_max))
     return mu, jnp.exp(log_sigma)
 
-  def __call__(self, y: jax.Array, training: bool) -> dict:
+  def __call__(self, y: jax.Array, training: bool, z_mask=None) -> dict:
+    """`z_mask` [B, h_z, w_z] bool: z positions that are sent; the others are 0 on both
+    sides of the codec and cost nothing."""
     z = self.analysis(y)
     z_hat, z_bits = self.bottleneck(z, training)
+    if z_mask is not None:
+      m = z_mask[..., None].astype(z_hat.dtype)
+      z_hat, z_bits = z_hat * m, z_bits * m
     mu, sigma = self.synthesis(z_hat, y.shape[1:3])
     return dict(z=z, z_hat=z_hat, z_bits=z_bits, mu=mu, sigma=sigma)

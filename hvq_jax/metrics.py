@@ -34,6 +34,15 @@ def _ssim_parts(x, y, peak):
   return float(np.mean((lum * cs)[crop])), float(np.mean(cs[crop]))
 
 
+def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+  """Single-scale SSIM of two [H, W, 3] (or [H, W]) images, averaged over channels."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  if a.ndim == 2:
+    a, b = a[..., None], b[..., None]
+  return float(np.mean([_ssim_parts(a[..., c], b[..., c], peak)[0] for c in range(a.shape[-1])]))
+
+
 def ms_ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
   """MS-SSIM of two [H, W, 3] (or [H, W]) images; needs min(H, W) > 160."""
   a = np.asarray(a, np.float64)

@@ -40,6 +40,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f"{name} * mult = {ch * m} is not divisible by norm_groups={cfg.norm_groups}")
   need(cfg.hyperprior.channels % 1 == 0 and cfg.hyperprior.num_down >= 1,
        "hyperprior.num_down must be >= 1")
+  for flag in ("mask_z", "index_bias"):
+    need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
        "need 0 < hyperprior.sigma_min < hyperprior.sigma_max")
   need(cfg.rate_straight_through in ("exact", "scaled", "off"),
@@ -73,6 +75,17 @@ def sent_masks(gmap: jax.Array, strides) -> Dict[str, jax.Array]:
   return out
 
 
+def z_masks(masks: Dict[str, jax.Array], num_down: int) -> Dict[str, jax.Array]:
+  """Sent-position masks {g: [B, h, w]} -> z positions to send {g: [B, ceil(h/2^n), ceil(w/2^n)]}."""
+  f = 2 ** num_down
+  out = {}
+  for g, m in masks.items():
+    b, h, w = m.shape
+    m = jnp.pad(m, ((0, 0), (0, (-h) % f), (0, (-w) % f)))
+    out[g] = m.reshape(b, m.shape[1] // f, f, m.shape[2] // f, f).any(axis=(2, 4))
+  return out
+
+
 class HVQ(nn.Module):
   """Forward pass of METHOD.md; `cfg` is the frozen `config.model`."""
   cfg: Any
@@ -93,8 +106,9 @@ class HVQ(nn.Module):
       self.codebooks = {g: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized,
                                     c.codebook_init_scale, name=f"codebook_{g}") for g in GRANULARITIES}
     h = c.hyperprior
+    bias_k = c.codebook_size if h.get("index_bias", False) else 0
     self.hyper = {g: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
-                                 h.sigma_min, h.sigma_max, dtype, name=f"hyper_{g}")
+                                 h.sigma_min, h.sigma_max, dtype, bias_k, name=f"hyper_{g}")
                   for g in GRANULARITIES}
 
   # ---- pieces the codec calls one at a time -------------------------------------------
@@ -111,6 +125,11 @@ class HVQ(nn.Module):
 
   def codebook_entries(self, g: str) -> jax.Array:
     return self.codebooks[g].entries()
+
+  def index_log_prior(self, g: str) -> jax.Array:
+    """Static per-entry logits of granularity g's index model: [K] (zeros without)."""
+    b = self.hyper[g].log_prior()
+    return jnp.zeros((self.cfg.codebook_size,), jnp.float32) if b is None else b
 
   def encode_latents(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
     """Padded x -> map, indices {g: [B, h_g, w_g]} and continuous z {g: [B, ., ., C_z]}."""
@@ -161,17 +180,20 @@ class HVQ(nn.Module):
     bits, q, indices, mu_sigma = {}, {}, {}, {}
     cb_loss = commit_loss = 0.0
     z_bits = jnp.zeros((b,), jnp.float32)
+    zm = z_masks(masks, c.hyperprior.num_down) if c.hyperprior.get("mask_z", False) else {}
     for g in GRANULARITIES:
       vq = self.codebooks[g](a["y"][g])
-      hp = self.hyper[g](a["y"][g], training)
+      hp = self.hyper[g](a["y"][g], training, zm.get(g))
       idx = vq["indices"]
       per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
                                 y=None if c.rate_straight_through == "off" else vq["y"],
                                 chunk_size=c.rate_chunk or None,
-                                straight_through_mode=c.rate_straight_through)
+                                straight_through_mode=c.rate_straight_through,
+                                log_prior=self.hyper[g].log_prior())
       m = masks[g].astype(jnp.float32)
       bits[f"y_{g}"] = jnp.sum(per_pos * m, axis=(1, 2))
-      # z of a branch is sent only when that granularity has a sent position.
+      # z of a branch is sent only when that granularity has a sent position (and with
+      # mask_z only where it has one).
       any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
       z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
       cb_loss = cb_loss + vq["codebook_loss"] / 3

@@ -4,6 +4,12 @@ p(k | z_hat) is N(mu, diag sigma^2) evaluated at every codebook entry and normal
 over the K entries: a softmax over negative Mahalanobis distances. All maths in f32
 whatever the input dtype.
 
+Optional `log_prior` [K]: a learned static logit per entry added to every position's
+logits (our choice, config `model.hyperprior.index_bias`). The Gaussian alone must give
+mass to every entry near mu, used or not; a VQ codebook has many rarely used entries,
+so without the bias the hyperprior can lose to a static histogram of the indices. With
+it the model contains the static histogram (sigma -> inf) and the pure hyperprior (bias 0).
+
 Memory: pricing P positions materialises a [P, K] logit block. `index_bits` can walk
 the positions in chunks under `jax.checkpoint`, so forward and backward hold only
 [chunk, K] at a time (the chunk is a config field, `model.rate_chunk`).
@@ -23,10 +29,13 @@ def _neg_half_mahalanobis(mu, sigma, codebook):
   return -0.5 * jnp.sum(diff * diff, axis=-1)
 
 
-def index_log_probs(mu: jax.Array, sigma: jax.Array, codebook: jax.Array) -> jax.Array:
+def index_log_probs(mu: jax.Array, sigma: jax.Array, codebook: jax.Array,
+                    log_prior: Optional[jax.Array] = None) -> jax.Array:
   """Natural-log probabilities of every index: mu, sigma [..., D], codebook [K, D] -> [..., K]."""
   mu, sigma, codebook = (a.astype(jnp.float32) for a in (mu, sigma, codebook))
   logits = _neg_half_mahalanobis(mu, sigma, codebook)
+  if log_prior is not None:
+    logits = logits + log_prior.astype(jnp.float32)
   return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 
 
@@ -52,15 +61,17 @@ def sigma_scaled_straight_through(y: jax.Array, chosen: jax.Array, sigma: jax.Ar
   return jax.lax.stop_gradient(chosen) + (y - jax.lax.stop_gradient(y)) * s2
 
 
-def _bits_flat(mu, sigma, chosen, codebook):
-  logits = _neg_half_mahalanobis(mu, sigma, codebook)
+def _bits_flat(mu, sigma, chosen, chosen_prior, codebook, log_prior):
+  logits = _neg_half_mahalanobis(mu, sigma, codebook) + log_prior
   d = (chosen - mu) / sigma
-  return (jax.nn.logsumexp(logits, axis=-1) + 0.5 * jnp.sum(d * d, axis=-1)) / LN2
+  return (jax.nn.logsumexp(logits, axis=-1) + 0.5 * jnp.sum(d * d, axis=-1)
+          - chosen_prior) / LN2
 
 
 def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: jax.Array,
                y: Optional[jax.Array] = None,
-               chunk_size: Optional[int] = None, straight_through_mode: str = "exact") -> jax.Array:
+               chunk_size: Optional[int] = None, straight_through_mode: str = "exact",
+               log_prior: Optional[jax.Array] = None) -> jax.Array:
   """-log2 p(indices | mu, sigma): mu, sigma [..., D], indices [...] -> bits [...] (f32).
 
   With `y` (the encoder's continuous vector, [..., D]) the chosen entry enters through
@@ -72,7 +83,10 @@ def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: ja
   codebook = codebook.astype(jnp.float32)
   batch_shape = indices.shape
   dim = codebook.shape[-1]
+  log_prior = (jnp.zeros(codebook.shape[:1], jnp.float32) if log_prior is None
+               else log_prior.astype(jnp.float32))
   chosen = jnp.take(codebook, indices, axis=0)
+  chosen_prior = jnp.take(log_prior, indices, axis=0).reshape(-1)
   if y is not None:
     if straight_through_mode == "exact":
       chosen = straight_through(y.astype(jnp.float32), chosen)
@@ -86,8 +100,8 @@ def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: ja
   sigma = sigma.astype(jnp.float32).reshape(-1, dim)
   chosen = chosen.reshape(-1, dim)
   if chunk_size is None or mu.shape[0] <= chunk_size:
-    bits = _bits_flat(mu, sigma, chosen, codebook)
+    bits = _bits_flat(mu, sigma, chosen, chosen_prior, codebook, log_prior)
   else:
-    fn = jax.checkpoint(lambda a: _bits_flat(a[0], a[1], a[2], codebook))
-    bits = jax.lax.map(fn, (mu, sigma, chosen), batch_size=chunk_size)
+    fn = jax.checkpoint(lambda a: _bits_flat(a[0], a[1], a[2], a[3], codebook, log_prior))
+    bits = jax.lax.map(fn, (mu, sigma, chosen, chosen_prior), batch_size=chunk_size)
   return bits.reshape(batch_shape)

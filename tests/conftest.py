@@ -30,3 +30,27 @@ def micro():
   model = model_lib.build(cfg.model)
   params = model_lib.init_params(model, jax.random.PRNGKey(0))
   return cfg, model, params
+
+
+def make_workdir(tmp_path_factory, name, seed):
+  """An initial (step-0) checkpoint of the micro model, as `hvq train` writes it."""
+  from hvq_jax import train
+  c = micro_config()
+  c.seed = seed
+  c.train.num_steps = 0
+  c.train.async_checkpoint = False
+  c.eval.enabled = False
+  d = str(tmp_path_factory.mktemp(name))
+  train.train_and_evaluate(c, d, progress=False)
+  return d
+
+
+@pytest.fixture(scope="session")
+def micro_ckpt(tmp_path_factory):
+  return make_workdir(tmp_path_factory, "micro_ckpt", 0)
+
+
+@pytest.fixture(scope="session")
+def micro_codec(micro_ckpt):
+  from hvq_jax import codec
+  return codec.load_model(micro_ckpt)

@@ -15,28 +15,17 @@ from PIL import Image
 from hvq_jax import bitstream, codec, images, train
 from hvq_jax.bitstream import BitstreamError
 from hvq_jax.encoder import GRANULARITIES
-from tests.conftest import micro_config
-
-
-def _workdir(tmp_path_factory, name, seed):
-  c = micro_config()
-  c.seed = seed
-  c.train.num_steps = 0
-  c.train.async_checkpoint = False
-  c.eval.enabled = False
-  d = str(tmp_path_factory.mktemp(name))
-  train.train_and_evaluate(c, d, progress=False)
-  return d
+from tests.conftest import make_workdir
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-  return _workdir(tmp_path_factory, "codec_model", 0)
+def ckpt_dir(micro_ckpt):
+  return micro_ckpt
 
 
 @pytest.fixture(scope="module")
-def cmodel(ckpt_dir):
-  return codec.load_model(ckpt_dir)
+def cmodel(micro_codec):
+  return micro_codec
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +116,7 @@ def test_bad_bitstreams_rejected(cmodel, encoded, mutate, match):
 
 
 def test_wrong_model_rejected(tmp_path_factory, encoded):
-  other = codec.load_model(_workdir(tmp_path_factory, "other_model", 1))
+  other = codec.load_model(make_workdir(tmp_path_factory, "other_model", 1))
   with pytest.raises(BitstreamError, match="different model"):
     codec.decompress(other, encoded)
 

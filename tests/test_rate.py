@@ -86,3 +86,23 @@ def test_sigma_scaled_straight_through_gradient():
   np.testing.assert_allclose(f(y), jnp.sum(rate.index_bits(mu, sigma, codebook, idx)), rtol=1e-6)
   want = (np.asarray(codebook)[idx] - mu) / np.log(2)
   np.testing.assert_allclose(np.asarray(jax.grad(f)(jnp.asarray(y))), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_log_prior_is_a_product_with_a_static_histogram(chunk):
+  """With per-entry logits b: p(k) ∝ N(e_k; mu, sigma) * exp(b_k) (scipy reference)."""
+  mu, sigma, codebook = random_inputs(5, (2, 7), 96, 4)
+  rng = np.random.default_rng(6)
+  b = rng.normal(scale=3.0, size=96).astype(np.float32)
+  ref = reference_log_probs(mu, sigma, codebook) + b
+  ref = ref - logsumexp(ref, axis=-1, keepdims=True)
+  got = np.asarray(rate.index_log_probs(mu, sigma, codebook, jnp.asarray(b)))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+  idx = rng.integers(0, 96, size=(2, 7))
+  bits = np.asarray(rate.index_bits(mu, sigma, codebook, idx, chunk_size=chunk,
+                                    log_prior=jnp.asarray(b)))
+  want = -np.take_along_axis(ref, idx[..., None], -1)[..., 0] / np.log(2)
+  np.testing.assert_allclose(bits, want, rtol=1e-5, atol=1e-4)
+  # sigma -> inf: the model is exactly the static histogram softmax(b)
+  flat = np.asarray(rate.index_log_probs(mu, np.full_like(sigma, 1e6), codebook, jnp.asarray(b)))
+  np.testing.assert_allclose(flat[0, 0], b - logsumexp(b), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,73 @@
+"""The baseline the hyperprior replaces: one static histogram of indices per granularity.
+
+Control-GIC prices its indices with a static code fitted on training usage counts. We
+fit that histogram on the training images at the same rate setting (lambda, ratios) as
+the images it prices, so the baseline is as strong as a static code can be, with add-one
+smoothing so an index never seen in training still has a finite cost. Two code lengths:
+the ideal adaptive-free arithmetic code (-log2 p), and Huffman's integer lengths.
+"""
+import heapq
+from typing import Dict, Iterable
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from hvq_jax.encoder import GRANULARITIES
+
+
+def fit_counts(cmodel, images: Iterable[np.ndarray], lmbda: float, ratios) -> Dict[str, np.ndarray]:
+  """Index usage {g: int64 [K]} over the sent positions of `images` at one rate setting."""
+  from hvq_jax import codec, model as model_lib
+  k = cmodel.cfg.codebook_size
+  counts = {g: np.zeros(k, np.int64) for g in GRANULARITIES}
+  strides = tuple(cmodel.cfg.strides)
+  for img in images:
+    xp = codec._pad(np.asarray(img, np.uint8), strides[0])
+    x = jnp.asarray(xp[None], jnp.float32) / 127.5 - 1.0
+    lat = jax.device_get(codec._jitted(cmodel.model, "encode_latents")(
+        cmodel.params, x, jnp.full((1,), lmbda, jnp.float32), jnp.asarray(ratios, jnp.float32)))
+    masks = model_lib.sent_masks(jnp.asarray(lat["gmap"]), strides)
+    for g in GRANULARITIES:
+      sent = np.asarray(lat["indices"][g])[np.asarray(masks[g])]
+      counts[g] += np.bincount(sent, minlength=k)
+  return counts
+
+
+def ideal_lengths(counts: np.ndarray) -> np.ndarray:
+  """Bits per symbol of an arithmetic code with the add-one-smoothed histogram: [K]."""
+  c = np.asarray(counts, np.float64) + 1.0
+  return -np.log2(c / c.sum())
+
+
+def huffman_lengths(counts: np.ndarray) -> np.ndarray:
+  """Huffman code lengths (integers) for the add-one-smoothed histogram: [K].
+
+  Written here rather than taken from a package: only the lengths are needed, and the
+  classic heap merge is a dozen lines.
+  """
+  c = np.asarray(counts, np.float64) + 1.0
+  if c.size == 1:
+    return np.ones(1, np.int64)
+  lengths = np.zeros(c.size, np.int64)
+  heap = [(w, i, [i]) for i, w in enumerate(c)]   # (weight, tiebreak, symbols)
+  heapq.heapify(heap)
+  tie = c.size
+  while len(heap) > 1:
+    w1, _, s1 = heapq.heappop(heap)
+    w2, _, s2 = heapq.heappop(heap)
+    lengths[s1] += 1
+    lengths[s2] += 1
+    heapq.heappush(heap, (w1 + w2, tie, s1 + s2))
+    tie += 1
+  return lengths
+
+
+def price(indices: Dict[str, np.ndarray], counts: Dict[str, np.ndarray]) -> Dict[str, float]:
+  """Bits of the sent indices {g: int [n_g]} under the static code: ideal and Huffman."""
+  ideal = huff = 0.0
+  for g, idx in indices.items():
+    if len(idx):
+      ideal += float(ideal_lengths(counts[g])[idx].sum())
+      huff += float(huffman_lengths(counts[g])[idx].sum())
+  return dict(static=ideal, huffman=huff)
