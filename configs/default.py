@@ -28,8 +28,11 @@ def model_config() -> ml_collections.ConfigDict:
       hyperprior=dict(channels=128, latent_channels=8, num_down=2,
                       sigma_min=1e-4, sigma_max=1e2,
                       mask_z=True,         # send z only where its granularity is sent
-                      index_bias=True),    # + a learned static logit per entry (rate.py)
-      dtype="float32",
+                      index_bias=True,     # + a learned static logit per entry (rate.py)
+                      index_bias_scale=30.0,
+                      index_mixture=True), # mix with the static histogram (rate.py)
+      dtype="float32",                     # compute dtype (params stay float32)
+      remat=False,                         # rematerialise encoder/decoder ResBlocks
   ))
 
 
@@ -47,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
       lr=5e-5, disc_lr=5e-5, b1=0.5, b2=0.9,          # Control-GIC's Adam
       warmup_steps=5000, final_lr_frac=0.1, grad_clip=1.0,
       ema_decay=0.0, max_bad_steps=20,
+      grad_accum=1,                       # micro-batches per update (batch_size / grad_accum each)
   ))
   config.loss = ml_collections.ConfigDict(dict(
       rec="l1", w_rec=1.0, w_lpips=1.0, lpips_net="alexnet", lpips_weights="",
@@ -60,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
       min_scale=0.5, flip=True, num_workers=0,
   ))
   config.eval = ml_collections.ConfigDict(dict(enabled=True, image_size=256))
+  # Device mesh (sharding.py): batch over data x fsdp, large params split over fsdp.
+  config.mesh = ml_collections.ConfigDict(dict(
+      axes=("data", "fsdp"), shape=(-1, 1), fsdp_min_size=2 ** 18))
   # Real entropy coding (codec.py): the grid mu and log(sigma) are quantised to before
   # PMFs are built, the clipping range of z_hat, and the largest image accepted.
   config.codec = ml_collections.ConfigDict(dict(

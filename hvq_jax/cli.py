@@ -27,6 +27,12 @@ def _train(argv):
 
   flags.DEFINE_string("workdir", "runs/tiny_cpu", "Where checkpoints and logs go.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                    "jax.distributed.initialize(): auto = when launched on several hosts "
+                    "(TPU pod slice, SLURM with several tasks, or JAX_COORDINATOR_ADDRESS set).")
+  flags.DEFINE_string("coordinator", None, "host:port of process 0 (else from the environment)")
+  flags.DEFINE_integer("num_processes", None, "number of processes (else from the environment)")
+  flags.DEFINE_integer("process_id", None, "this process's index (else from the environment)")
   config_flags.DEFINE_config_file("config", _default_config_path(), "Training config file.",
                                   lock_config=True)
 
@@ -35,6 +41,10 @@ def _train(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
     from hvq_jax import model as model_lib
     from hvq_jax import train
+    f = flags.FLAGS
+    if f.distributed == "on" or (f.distributed == "auto" and (f.coordinator or _multihost_env())):
+      import jax
+      jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
     try:
       train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                                progress=flags.FLAGS.progress)
@@ -42,6 +52,19 @@ def _train(argv):
       sys.exit(f"hvq train: {e}")
 
   app.run(main, argv=["hvq train"] + argv)
+
+
+def _multihost_env() -> bool:
+  """Launched as one of several processes? (TPU pod slice, SLURM, MPI, explicit.)"""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return True
+  for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if int(env.get(key, "1") or 1) > 1:
+      return True
+  return False
 
 
 def _inputs(paths, extensions):

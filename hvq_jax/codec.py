@@ -44,11 +44,17 @@ def fingerprint(params, model_cfg) -> bytes:
 
 def index_pmfs(mu: np.ndarray, sigma: np.ndarray, codebook: np.ndarray, mu_step: float,
                log_sigma_step: float, chunk: int = 2048,
-               log_prior: Optional[np.ndarray] = None) -> np.ndarray:
+               log_prior: Optional[np.ndarray] = None, mix_logit: float = -np.inf) -> np.ndarray:
   """[n, D] mu, sigma -> [n, K] float64 PMFs on the quantised (mu, log sigma) grid,
-  with the static per-entry logits `log_prior` [K] when the model has them."""
+  with the static per-entry logits `log_prior` [K] and the static mixture weight
+  sigmoid(mix_logit) when the model has them (rate.py)."""
   cb = np.asarray(codebook, np.float64)
   bias = 0.0 if log_prior is None else np.asarray(log_prior, np.float64)[None]
+  eps = 0.0 if not np.isfinite(mix_logit) else 1.0 / (1.0 + np.exp(-float(mix_logit)))
+  if eps:
+    b = np.asarray(log_prior, np.float64)
+    static = np.exp(b - b.max())
+    static /= static.sum()
   mu_q = np.round(np.asarray(mu, np.float64) / mu_step) * mu_step
   inv = np.exp(-np.round(np.log(np.asarray(sigma, np.float64)) / log_sigma_step) * log_sigma_step)
   out = np.empty((mu_q.shape[0], cb.shape[0]), np.float64)
@@ -57,7 +63,8 @@ def index_pmfs(mu: np.ndarray, sigma: np.ndarray, codebook: np.ndarray, mu_step:
     logits = -0.5 * np.einsum("nkd,nkd->nk", d, d) + bias
     logits -= logits.max(-1, keepdims=True)
     p = np.exp(logits)
-    out[s:s + chunk] = p / p.sum(-1, keepdims=True)
+    p /= p.sum(-1, keepdims=True)
+    out[s:s + chunk] = (1.0 - eps) * p + eps * static[None] if eps else p
   return out
 
 
@@ -97,6 +104,8 @@ class CodecModel:
     self.codebooks = {g: np.asarray(jax.device_get(self._apply("codebook_entries", g)))
                       for g in GRANULARITIES}
     self.log_priors = {g: np.asarray(jax.device_get(self._apply("index_log_prior", g)))
+                       for g in GRANULARITIES}
+    self.mix_logits = {g: float(jax.device_get(self._apply("index_mixture_logit", g)))
                        for g in GRANULARITIES}
     self.default_lmbda = float(config.rd.lmbda)
     self.default_ratios = tuple(float(v) for v in config.granularity.ratios)
@@ -140,9 +149,10 @@ def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
     raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
   config = ml_collections.ConfigDict(ck.restore_config(step))
   config.loss.w_lpips = 0.0  # LPIPS weights are not needed to code
-  trainer = train.Trainer(config)
-  abstract = jax.eval_shape(lambda: trainer.init_state(jax.random.PRNGKey(0)))
-  state = ck.restore(step, abstract)
+  if config.get("mesh"):   # code on one device, whatever mesh trained the checkpoint
+    config.mesh.shape = tuple(1 for _ in config.mesh.axes)
+  trainer = train.Trainer(config, devices=jax.devices()[:1])
+  state = ck.restore(step, trainer.abstract_state)
   ck.close()
   return CodecModel(config, trainer.eval_params(state))
 
@@ -190,7 +200,7 @@ def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
   with _stage(timings, "pmf"):
     return index_pmfs(mu.reshape(-1, d)[m], sigma.reshape(-1, d)[m], model.codebooks[g],
                     model.codec["mu_step"], model.codec["log_sigma_step"], model.codec["pmf_chunk"],
-                    model.log_priors[g])
+                    model.log_priors[g], model.mix_logits[g])
 
 
 def _masks(gmap: np.ndarray, strides) -> Dict[str, np.ndarray]:

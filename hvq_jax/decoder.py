@@ -24,6 +24,7 @@ class Decoder(nn.Module):
   groups: int
   out_channels: int = 3
   dtype: Any = jnp.float32
+  remat: bool = False             # recompute ResBlock activations in the backward pass
 
   @nn.compact
   def __call__(self, cond: jax.Array, out_hw) -> jax.Array:
@@ -31,6 +32,7 @@ class Decoder(nn.Module):
 
     Returns [B, H, W, 3] float32 with H, W = out_hw (the padded image size).
     """
+    block = nn.remat(layers.ResBlock) if self.remat else layers.ResBlock
     levels = len(self.ch_mult)
     top = 2 ** (levels - 1)
     H, W = out_hw
@@ -43,8 +45,8 @@ class Decoder(nn.Module):
     for level in reversed(range(levels)):
       stride = 2 ** level
       for i in range(self.num_res_blocks + 1):
-        h = layers.ResBlock(self.ch * self.ch_mult[level], self.groups, self.dtype,
-                            name=f"up{level}_res{i}")(h, cond)
+        h = block(self.ch * self.ch_mult[level], self.groups, self.dtype,
+                  name=f"up{level}_res{i}")(h, cond)
         if stride in self.attn_strides:
           h = layers.AttnBlock(self.groups, self.dtype, name=f"up{level}_attn{i}")(h, cond)
       if level != 0:

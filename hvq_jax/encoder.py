@@ -46,6 +46,7 @@ class Encoder(nn.Module):
   groups: int
   lambda_conditioning: bool
   dtype: Any = jnp.float32
+  remat: bool = False             # recompute ResBlock activations in the backward pass
 
   @nn.compact
   def __call__(self, x: jax.Array, log_lmbda: jax.Array) -> Dict[str, jax.Array]:
@@ -53,13 +54,13 @@ class Encoder(nn.Module):
 
     Returns {g: [B, H/s_g, W/s_g, D] float32}.
     """
+    block = nn.remat(layers.ResBlock) if self.remat else layers.ResBlock
     h = layers.conv(self.ch, 3, self.dtype, name="conv_in")(x.astype(self.dtype))
     feats = {}
     for level, mult in enumerate(self.ch_mult):
       stride = 2 ** level
       for i in range(self.num_res_blocks):
-        h = layers.ResBlock(self.ch * mult, self.groups, self.dtype,
-                            name=f"down{level}_res{i}")(h)
+        h = block(self.ch * mult, self.groups, self.dtype, name=f"down{level}_res{i}")(h)
         if stride in self.attn_strides:
           h = layers.AttnBlock(self.groups, self.dtype, name=f"down{level}_attn{i}")(h)
       feats[stride] = h

@@ -28,6 +28,8 @@ class HyperBranch(nn.Module):
   sigma_max: float
   dtype: Any = jnp.float32
   codebook_size: int = 0      # > 0: learn a static logit per codebook entry (rate.py)
+  bias_scale: float = 1.0     # logits = bias_scale * param: Adam's step per logit x this
+  mixture: bool = False       # mix the PMF with the static histogram (rate.py)
 
   def setup(self):
     c = self.channels
@@ -40,11 +42,19 @@ class HyperBranch(nn.Module):
     self.s_out = nn.Conv(2 * self.embed_dim, (3, 3), dtype=self.dtype, name="synthesis_out")
     self.bottleneck = EntropyBottleneck(self.latent_channels, name="bottleneck")
     if self.codebook_size:
+      # Adam moves a parameter by ~lr per step; log-frequencies of codes span ~10 nats,
+      # so the logit is a scaled parameter to be learnable within a training run.
       self.index_bias = self.param("index_bias", nn.initializers.zeros, (self.codebook_size,))
+    if self.mixture:
+      self.mix_logit = self.param("mix_logit", nn.initializers.constant(-2.0), ())
 
   def log_prior(self):
     """The per-entry static logits [K] f32, or None when the branch has none."""
-    return self.index_bias.astype(jnp.float32) if self.codebook_size else None
+    return self.bias_scale * self.index_bias.astype(jnp.float32) if self.codebook_size else None
+
+  def mixture_logit(self):
+    """logit of the static histogram's weight in the index PMF, or None."""
+    return self.mix_logit.astype(jnp.float32) if self.mixture else None
 
   def analysis(self, y: jax.Array) -> jax.Array:
     """y [B, h, w, D] -> z [B, ceil(h / 2^n), ceil(w / 2^n), C_z] float32."""

@@ -40,7 +40,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f"{name} * mult = {ch * m} is not divisible by norm_groups={cfg.norm_groups}")
   need(cfg.hyperprior.channels % 1 == 0 and cfg.hyperprior.num_down >= 1,
        "hyperprior.num_down must be >= 1")
-  for flag in ("mask_z", "index_bias"):
+  for flag in ("mask_z", "index_bias", "index_mixture"):
     need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
        "need 0 < hyperprior.sigma_min < hyperprior.sigma_max")
@@ -95,9 +95,10 @@ class HVQ(nn.Module):
     dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
     self.encoder = Encoder(c.ch, tuple(c.ch_mult), c.num_res_blocks, tuple(c.attn_strides),
                            tuple(c.head_attn_strides), tuple(c.strides), c.embed_dim,
-                           c.norm_groups, c.lambda_conditioning, dtype)
+                           c.norm_groups, c.lambda_conditioning, dtype, c.get("remat", False))
     self.decoder = Decoder(c.dec_ch, tuple(c.dec_ch_mult), c.dec_num_res_blocks,
-                           tuple(c.dec_attn_strides), c.norm_groups, 3, dtype)
+                           tuple(c.dec_attn_strides), c.norm_groups, 3, dtype,
+                           c.get("remat", False))
     if c.shared_codebook:
       cb = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized, c.codebook_init_scale,
                     name="codebook")
@@ -108,7 +109,9 @@ class HVQ(nn.Module):
     h = c.hyperprior
     bias_k = c.codebook_size if h.get("index_bias", False) else 0
     self.hyper = {g: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
-                                 h.sigma_min, h.sigma_max, dtype, bias_k, name=f"hyper_{g}")
+                                 h.sigma_min, h.sigma_max, dtype, bias_k,
+                                 float(h.get("index_bias_scale", 1.0)),
+                                 bool(h.get("index_mixture", False)), name=f"hyper_{g}")
                   for g in GRANULARITIES}
 
   # ---- pieces the codec calls one at a time -------------------------------------------
@@ -130,6 +133,11 @@ class HVQ(nn.Module):
     """Static per-entry logits of granularity g's index model: [K] (zeros without)."""
     b = self.hyper[g].log_prior()
     return jnp.zeros((self.cfg.codebook_size,), jnp.float32) if b is None else b
+
+  def index_mixture_logit(self, g: str) -> jax.Array:
+    """The static histogram's mixture logit (-inf: no mixture)."""
+    m = self.hyper[g].mixture_logit()
+    return jnp.asarray(-jnp.inf, jnp.float32) if m is None else m
 
   def encode_latents(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
     """Padded x -> map, indices {g: [B, h_g, w_g]} and continuous z {g: [B, ., ., C_z]}."""
@@ -189,7 +197,8 @@ class HVQ(nn.Module):
                                 y=None if c.rate_straight_through == "off" else vq["y"],
                                 chunk_size=c.rate_chunk or None,
                                 straight_through_mode=c.rate_straight_through,
-                                log_prior=self.hyper[g].log_prior())
+                                log_prior=self.hyper[g].log_prior(),
+                                mix_logit=self.hyper[g].mixture_logit())
       m = masks[g].astype(jnp.float32)
       bits[f"y_{g}"] = jnp.sum(per_pos * m, axis=(1, 2))
       # z of a branch is sent only when that granularity has a sent position (and with

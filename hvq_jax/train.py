@@ -8,6 +8,8 @@ Lambda is sampled per example from config.rd.lambdas and fed to the networks.
 import functools
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional
 
@@ -25,6 +27,7 @@ from hvq_jax import losses
 from hvq_jax import lpips as lpips_lib
 from hvq_jax import metrics as metrics_lib
 from hvq_jax import model as model_lib
+from hvq_jax import sharding
 from hvq_jax.discriminator import PatchGAN
 from hvq_jax.encoder import GRANULARITIES
 
@@ -56,9 +59,12 @@ def make_optimizer(tc, lr: float) -> optax.GradientTransformation:
 
 
 class Trainer:
-  """Builds the model, optimisers and the jitted step for a config."""
+  """Builds the model, optimisers, the mesh and the jitted, sharded step for a config.
 
-  def __init__(self, config):
+  `devices` (default: all) is what the mesh is built on; the codec passes one device.
+  """
+
+  def __init__(self, config, devices=None):
     validate_config(config)
     self.config = config
     self.model = model_lib.build(config.model)
@@ -71,19 +77,47 @@ class Trainer:
       self.lpips = lpips_lib.LPIPS(config.loss.lpips_net)
       self.lpips_params = lpips_lib.load_params(config.loss.lpips_net,
                                                 config.loss.lpips_weights or None)
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+    mesh_cfg = config.get("mesh") or ml_collections.ConfigDict(
+        dict(axes=("data", "fsdp"), shape=(-1, 1), fsdp_min_size=2 ** 18))
+    try:
+      self.mesh = sharding.make_mesh(mesh_cfg, devices)
+    except sharding.MeshError as e:
+      raise model_lib.ConfigError(str(e)) from None
+    n_batch = int(np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.mesh)]))
+    accum = int(config.train.get("grad_accum", 1))
+    if accum < 1 or config.train.batch_size % (n_batch * accum):
+      raise model_lib.ConfigError(
+          f"config.train.batch_size={config.train.batch_size} must be divisible by the batch "
+          f"shards ({n_batch} = data x fsdp of mesh {dict(self.mesh.shape)}) times "
+          f"train.grad_accum={accum}")
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    abstract = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+    self.state_shardings = sharding.tree_shardings(abstract, self.mesh,
+                                                   int(mesh_cfg.fsdp_min_size))
+    self.abstract_state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        abstract, self.state_shardings)
+    self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step,
+                              in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                              donate_argnums=(0,))
 
   # ---- state ----------------------------------------------------------------------------
-  def init_state(self, rng: jax.Array) -> Dict[str, Any]:
+  def _init_state(self, rng: jax.Array) -> Dict[str, Any]:
     k_model, k_disc, k_state = jax.random.split(rng, 3)
     s = self.config.image_size
     params = model_lib.init_params(self.model, k_model, image_size=s)
-    disc_params = jax.jit(self.disc.init)(k_disc, jnp.zeros((1, s, s, 3)))["params"]
+    disc_params = self.disc.init(k_disc, jnp.zeros((1, s, s, 3)))["params"]
     return dict(step=jnp.zeros((), jnp.int32), params=params,
                 opt_g=self.opt_g.init(params), disc_params=disc_params,
                 opt_d=self.opt_d.init(disc_params),
                 ema_params=params if self.config.train.ema_decay > 0 else {},
                 rng=k_state)
+
+  def shard_batch(self, local_batch: np.ndarray) -> jax.Array:
+    """This process's rows [B / processes, ...] -> the global batch, sharded over data x fsdp."""
+    return sharding.global_batch(local_batch, self.batch_sharding)
 
   # ---- one step ---------------------------------------------------------------------------
   def sample_lambdas(self, rng, batch: int) -> jax.Array:
@@ -101,13 +135,11 @@ class Trainer:
       out = out + lc.w_lpips * jnp.mean(self.lpips.apply({"params": self.lpips_params}, x, recon))
     return out
 
-  def _train_step(self, state, batch):
+  def _micro_step(self, params, disc_params, step, x, lmbda, k_noise):
+    """Gradients (generator, discriminator) and metrics of one micro-batch."""
     cfg, lc = self.config, self.config.loss
-    rng, k_noise, k_lam = jax.random.split(state["rng"], 3)
-    x = batch.astype(jnp.float32) / 127.5 - 1.0
-    lmbda = self.sample_lambdas(k_lam, x.shape[0])
     ratios = jnp.asarray(cfg.granularity.ratios, jnp.float32)
-    disc_on = (state["step"] >= lc.disc_start).astype(jnp.float32)
+    disc_on = (step >= lc.disc_start).astype(jnp.float32)
     use_gan = lc.w_gan > 0
 
     def gen_loss(params):
@@ -120,7 +152,7 @@ class Trainer:
       aux = dict(rec=rec, rate=rate, vq=vq)
       loss = rate + rec + vq
       if use_gan:
-        gan_of = lambda r: losses.hinge_g(self.disc.apply({"params": state["disc_params"]}, r))
+        gan_of = lambda r: losses.hinge_g(self.disc.apply({"params": disc_params}, r))
         g_gan = gan_of(recon)
         # VQGAN adaptive weight: gradient norms at the decoder's last conv kernel.
         r0 = jax.lax.stop_gradient(recon)
@@ -137,13 +169,9 @@ class Trainer:
         aux.update(g_gan=g_gan, d_weight=d_weight)
       return loss, (out, aux)
 
-    (loss, (out, aux)), grads = jax.value_and_grad(gen_loss, has_aux=True)(state["params"])
-    updates, opt_g = self.opt_g.update(grads, state["opt_g"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-
-    disc_params, opt_d = state["disc_params"], state["opt_d"]
+    (loss, (out, aux)), grads = jax.value_and_grad(gen_loss, has_aux=True)(params)
     metrics = {}
+    d_grads = jax.tree.map(jnp.zeros_like, disc_params)
     if use_gan:
       fake = jax.lax.stop_gradient(out["recon"])
 
@@ -151,26 +179,50 @@ class Trainer:
         apply = lambda im: self.disc.apply({"params": dp}, im)
         return losses.hinge_d(apply(x), apply(fake)) * disc_on
 
-      d_loss, d_grads = jax.value_and_grad(disc_loss)(disc_params)
+      metrics["d_loss"], d_grads = jax.value_and_grad(disc_loss)(disc_params)
+    sent_idx = jnp.concatenate([out["indices"][g].reshape(-1) for g in GRANULARITIES])
+    sent = jnp.concatenate([out["masks"][g].reshape(-1) for g in GRANULARITIES])
+    usage = codebook_lib.usage_stats(sent_idx, sent, cfg.model.codebook_size)
+    hw = x.shape[1] * x.shape[2]
+    metrics.update(loss=loss, bpp=jnp.mean(out["bpp"]),
+                   psnr=-10 * jnp.log10(jnp.mean(((out["recon"] - x) / 2) ** 2)),
+                   perplexity=usage["perplexity"], codebook_used=usage["used_fraction"],
+                   **{k: v for k, v in aux.items()},
+                   **{f"bpp_{k}": jnp.mean(v) / hw for k, v in out["bits"].items()})
+    return grads, d_grads, metrics
+
+  def _train_step(self, state, batch):
+    cfg = self.config
+    rng, k_noise, k_lam = jax.random.split(state["rng"], 3)
+    x = batch.astype(jnp.float32) / 127.5 - 1.0
+    lmbda = self.sample_lambdas(k_lam, x.shape[0])
+    accum = int(cfg.train.get("grad_accum", 1))
+    micro = functools.partial(self._micro_step, state["params"], state["disc_params"], state["step"])
+    if accum == 1:
+      grads, d_grads, metrics = micro(x, lmbda, k_noise)
+    else:   # scan over micro-batches, averaging gradients and metrics
+      split = lambda a: a.reshape((accum, a.shape[0] // accum) + a.shape[1:])
+      xs, ls, ks = split(x), split(lmbda), jax.random.split(k_noise, accum)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                           jax.eval_shape(micro, xs[0], ls[0], ks[0]))
+      def body(acc, inp):
+        return jax.tree.map(jnp.add, acc, micro(*inp)), None
+      total, _ = jax.lax.scan(body, zeros, (xs, ls, ks))
+      grads, d_grads, metrics = jax.tree.map(lambda a: a / accum, total)
+
+    updates, opt_g = self.opt_g.update(grads, state["opt_g"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+    disc_params, opt_d = state["disc_params"], state["opt_d"]
+    if cfg.loss.w_gan > 0:
       d_updates, opt_d = self.opt_d.update(d_grads, opt_d, disc_params)
       disc_params = optax.apply_updates(disc_params, d_updates)
-      metrics["d_loss"] = d_loss
 
     ema = state["ema_params"]
     if cfg.train.ema_decay > 0:
       dcy = cfg.train.ema_decay
       ema = jax.tree.map(lambda e, p: jnp.where(finite, dcy * e + (1 - dcy) * p, e), ema, params)
-
-    sent_idx = jnp.concatenate([out["indices"][g].reshape(-1) for g in GRANULARITIES])
-    sent = jnp.concatenate([out["masks"][g].reshape(-1) for g in GRANULARITIES])
-    usage = codebook_lib.usage_stats(sent_idx, sent, cfg.model.codebook_size)
-    hw = x.shape[1] * x.shape[2]
-    metrics.update(loss=loss, bpp=jnp.mean(out["bpp"]), grad_norm=optax.global_norm(grads),
-                   skipped=1.0 - finite.astype(jnp.float32),
-                   psnr=-10 * jnp.log10(jnp.mean(((out["recon"] - x) / 2) ** 2)),
-                   perplexity=usage["perplexity"], codebook_used=usage["used_fraction"],
-                   **{k: v for k, v in aux.items()},
-                   **{f"bpp_{k}": jnp.mean(v) / hw for k, v in out["bits"].items()})
+    metrics.update(grad_norm=optax.global_norm(grads), skipped=1.0 - finite.astype(jnp.float32))
     new_state = dict(step=state["step"] + 1, params=params, opt_g=opt_g,
                      disc_params=disc_params, opt_d=opt_d, ema_params=ema, rng=rng)
     return new_state, metrics
@@ -254,6 +306,39 @@ def _image_grid(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
   return np.concatenate([np.concatenate(list(originals), 1), np.concatenate(list(recons), 1)], 0)
 
 
+class _Preemption:
+  """SIGTERM (preemption, scancel, TPU maintenance) -> save a checkpoint and stop.
+
+  One process: our own SIGTERM handler. Several: JAX's preemption sync point, so every
+  process stops at the same step and the collective save cannot deadlock.
+  """
+
+  def __init__(self):
+    self.flag = False
+    self._old = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._on_term)
+
+  def _on_term(self, signum, frame):
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self.flag
+
+  def close(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def host_params(trainer: "Trainer", params):
+  """Params as host numpy on every process (gathered when sharded over processes)."""
+  rep = sharding.replicated(trainer.mesh)
+  return jax.device_get(jax.jit(lambda p: p, out_shardings=rep)(params))
+
+
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> Dict[str, Any]:
   """Train (resuming from the newest checkpoint in workdir), then evaluate held-out photos."""
   from tqdm import tqdm
@@ -265,59 +350,71 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> Dict[str,
                                keep_best=tc.keep_best, best_metric="loss",
                                async_save=tc.async_checkpoint)
   data_iter = iter(data_lib.train_dataset(config, jax.process_index(), jax.process_count()))
-  state = trainer.init_state(jax.random.PRNGKey(config.seed))
   start = 0
   if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    state = ckpt.restore(None, abstract, data_iter)
+    # Restores onto this run's mesh, whatever mesh wrote it (Orbax reshards).
+    state = ckpt.restore(None, trainer.abstract_state, data_iter)
     start = int(state["step"])
-    print(f"resumed from step {start} in {ckpt.directory}")
+    if is_main:
+      print(f"resumed from step {start} in {ckpt.directory}")
+  else:
+    state = trainer.init_state(jax.random.PRNGKey(config.seed))
   if tc.num_steps == 0 or start == 0:
     ckpt.save(start, state, data_iter, config, metrics=None, force=True)
   bar = tqdm(total=tc.num_steps, initial=start, disable=not (progress and is_main),
              unit="step", dynamic_ncols=True)
+  preemption = _Preemption()
+  preempted = False
   t0, seen, last = time.time(), 0, {}
   for step in range(start, tc.num_steps):
-    batch = next(data_iter)
+    batch = trainer.shard_batch(next(data_iter))
     state, m = trainer.train_step(state, batch)
     seen += batch.shape[0]
     done = step + 1
     if done % tc.log_every == 0 or done == tc.num_steps:
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       dt = time.time() - t0
-      m["images_per_s"] = seen * jax.process_count() / max(dt, 1e-9)
+      m["images_per_s"] = seen / max(dt, 1e-9)
       t0, seen = time.time(), 0
-      if m["skipped"]:
+      if m["skipped"] and is_main:
         print(f"step {done}: non-finite loss or gradient, update skipped")
       writer.scalars(done, m)
       bar.set_postfix(loss=f"{m['loss']:.3f}", bpp=f"{m['bpp']:.3f}",
                       psnr=f"{m['psnr']:.1f}", img_s=f"{m['images_per_s']:.1f}")
       last = m
+    bar.update(1)
+    if preemption.reached(done):
+      ckpt.save(done, state, data_iter, config, metrics={"loss": last.get("loss", 0.0)}, force=True)
+      preempted = True
+      if is_main:
+        print(f"preempted: saved step {done}; relaunch the same command to resume")
+      break
     if done % tc.ckpt_every == 0 or done == tc.num_steps:
       ckpt.save(done, state, data_iter, config, metrics={"loss": last.get("loss", 0.0)})
-    bar.update(1)
   bar.close()
+  preemption.close()
   ckpt.wait()
   ckpt.close()
 
   results = {}
-  if config.eval.enabled:
+  if config.eval.enabled and not preempted:
     photos = images_lib.bundled_photos("heldout") if config.data.source == "bundled" else \
         {os.path.basename(p): images_lib.read_image(p)
          for p in images_lib.list_images(config.data.eval_dir)}
-    results = evaluate(trainer.model, trainer.eval_params(state), photos, config.rd.lambdas,
+    params = host_params(trainer, trainer.eval_params(state))
+    results = evaluate(trainer.model, params, photos, config.rd.lambdas,
                        config.granularity.ratios, config.eval.image_size)
     if is_main:
       with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(dict(step=int(state["step"]), results=results), f, indent=1)
+        json.dump(dict(step=int(jax.device_get(state["step"])), results=results), f, indent=1)
       print(format_eval(results))
       batch = np.stack([center_crop(p, config.eval.image_size) for p in photos.values()])
-      recon = jax.device_get(_forward(trainer.model, trainer.eval_params(state), batch,
-                                      float(config.rd.lmbda),
+      recon = jax.device_get(_forward(trainer.model, params, batch, float(config.rd.lmbda),
                                       jnp.asarray(config.granularity.ratios)))[0]
-      writer.images(int(state["step"]), "heldout/original_vs_recon", _image_grid(batch, recon))
+      writer.images(int(jax.device_get(state["step"])), "heldout/original_vs_recon",
+                    _image_grid(batch, recon))
   writer.close()
-  return dict(state=state, eval=results)
+  return dict(state=state, eval=results, preempted=preempted)
 
 
 def format_eval(results: Dict[str, Any]) -> str:

@@ -106,3 +106,26 @@ def test_log_prior_is_a_product_with_a_static_histogram(chunk):
   # sigma -> inf: the model is exactly the static histogram softmax(b)
   flat = np.asarray(rate.index_log_probs(mu, np.full_like(sigma, 1e6), codebook, jnp.asarray(b)))
   np.testing.assert_allclose(flat[0, 0], b - logsumexp(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_mixture_with_static_histogram(chunk):
+  """p = (1 - eps) * p_hyper + eps * softmax(b), eps = sigmoid(m): numpy reference."""
+  mu, sigma, codebook = random_inputs(8, (3, 5), 40, 4, sigma_range=(0.01, 0.1))
+  rng = np.random.default_rng(9)
+  b = rng.normal(scale=2.0, size=40)
+  m = -1.3
+  eps = 1 / (1 + np.exp(-m))
+  hyper = reference_log_probs(mu, sigma, codebook) + b
+  hyper = np.exp(hyper - logsumexp(hyper, axis=-1, keepdims=True))
+  static = np.exp(b - logsumexp(b))
+  ref = np.log((1 - eps) * hyper + eps * static)
+  got = np.asarray(rate.index_log_probs(mu, sigma, codebook, jnp.asarray(b, jnp.float32), m))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+  idx = rng.integers(0, 40, size=(3, 5))
+  bits = np.asarray(rate.index_bits(mu, sigma, codebook, idx, chunk_size=chunk,
+                                    log_prior=jnp.asarray(b, jnp.float32), mix_logit=m))
+  want = -np.take_along_axis(ref, idx[..., None], -1)[..., 0] / np.log(2)
+  np.testing.assert_allclose(bits, want, rtol=1e-5, atol=1e-4)
+  # the mixture caps the cost of a missed index at the static code + log2(1/eps)
+  assert np.all(bits <= -np.log2(static[idx]) + np.log2(1 / eps) + 1e-4)
