@@ -22,7 +22,7 @@ def model_config() -> ml_collections.ConfigDict:
       # Rate model.
       lambda_conditioning=True,
       rate_straight_through="scaled",      # exact | scaled | off (see rate.py)
-      rate_chunk=8192,                     # positions priced at once ([chunk, K] logits)
+      rate_chunk=1024,                     # positions per example priced at once ([B, chunk, K] logits)
       # z: 8 channels per 4x4 block of D=4 vectors (<= 16 indices of log2 K bits): side
       # information must stay well below what it saves.
       hyperprior=dict(channels=128, latent_channels=8, num_down=2,

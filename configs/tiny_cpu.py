@@ -1,7 +1,7 @@
 """Tiny HVQ-CGIC that trains on 2 CPU cores in minutes on the bundled photos.
 
 Same structure as the default (three granularities, hyperpriors, lambda conditioning);
-small channels, K=256, 64 px crops; LPIPS and the GAN off (no weights offline, and
+small channels, K=256, 96 px crops; LPIPS and the GAN off (no weights offline, and
 the GAN needs far more steps than a CPU demo has).
 """
 from configs import default
@@ -13,6 +13,11 @@ def get_config():
   m.ch, m.ch_mult, m.num_res_blocks = 32, (1, 1, 2, 2, 2), 1
   m.dec_ch, m.dec_ch_mult, m.dec_num_res_blocks = 32, (1, 1, 2, 2, 2), 1
   m.norm_groups = 8
+  # A fully convolutional encoder: its codes keep the same statistics at any image size.
+  # With attention at stride 16 (16 tokens in training, ~1000 on a held-out photo) the
+  # index distribution shifted with size: the hyperprior saved 12% over the static
+  # histogram on 64 px crops of the held-out photos and lost 20% on the whole photos.
+  m.attn_strides, m.head_attn_strides = (), ()
   m.codebook_size = 256
   m.codebook_init_scale = 1.0   # entries at the encoder's output scale: codes live from step 0
   m.l2_normalized = True        # bounded VQ loss: unnormalised codes drifted away from y here
@@ -20,11 +25,11 @@ def get_config():
   # channels, 4x4 blocks): z cost 0.10 bpp, more than the y bits the prior saved.
   m.hyperprior.channels, m.hyperprior.latent_channels, m.hyperprior.num_down = 32, 4, 3
   m.rate_chunk = 0
-  config.image_size = 64
+  config.image_size = 96          # z grid of the fine branch: 3x3 (less border than 2x2)
   config.rd.lambdas = (0.05, 0.2, 0.8)
   config.rd.lmbda = 0.2
   t = config.train
-  t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 8, 800, 50, 200
+  t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 4, 800, 50, 200
   t.lr, t.disc_lr, t.b1, t.b2, t.warmup_steps = 1e-3, 1e-3, 0.9, 0.99, 100
   config.loss.w_lpips = 0.0
   config.loss.w_gan = 0.0

@@ -50,7 +50,8 @@ class Checkpointer:
     """Restore `state` (shaped/sharded like `abstract_state`) and the iterator in place."""
     step = self.latest_step() if step is None else step
     items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if data_iter is not None:
+    # A checkpoint made by `hvq import` has no iterator state: the data starts afresh.
+    if data_iter is not None and os.path.isdir(os.path.join(self.directory, str(step), "data")):
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return out["state"]

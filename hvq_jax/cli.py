@@ -13,6 +13,8 @@ commands:
   eval        --checkpoint DIR --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
               [--lmbdas 0.05,0.2] [--ratios 'c,m,f;c,m,f'] [--lpips-weights DIR]
   plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC]
+  export      --checkpoint DIR --format torch|stablehlo --out OUT [--size HxW]
+  import      --from torch --checkpoint FILE --out DIR [--config configs/X.py] [--taming]
 """
 
 
@@ -216,6 +218,87 @@ def _plot(argv):
   return 0
 
 
+def _export(argv):
+  import argparse
+  ap = argparse.ArgumentParser(prog="hvq export")
+  ap.add_argument("--checkpoint", required=True)
+  ap.add_argument("--format", choices=("torch", "stablehlo"), required=True)
+  ap.add_argument("--out", required=True, help="torch: a .safetensors file; stablehlo: a folder")
+  ap.add_argument("--size", default="512x768", help="stablehlo: padded HxW the programs take")
+  a = ap.parse_args(argv)
+  from hvq_jax import codec, export
+  try:
+    cm = codec.load_model(a.checkpoint)
+    if a.format == "torch":
+      _atomic_write(a.out, lambda tmp: export.save_torch(cm.params, cm.config, tmp))
+      print(f"wrote {a.out}")
+    else:
+      h, w = (int(v) for v in a.size.lower().split("x"))
+      for name, p in export.export_stablehlo(cm, a.out, h, w).items():
+        print(f"wrote {p}")
+  except (codec.CheckpointError, export.ExportError, ValueError) as e:
+    sys.exit(f"hvq export: {e}")
+  return 0
+
+
+def _import(argv):
+  import argparse
+  ap = argparse.ArgumentParser(prog="hvq import")
+  ap.add_argument("--from", dest="source", choices=("torch",), default="torch")
+  ap.add_argument("--checkpoint", required=True, help=".safetensors or torch .ckpt/.pt")
+  ap.add_argument("--out", required=True, help="workdir to write (checkpoints/ inside)")
+  ap.add_argument("--config", default=None,
+                  help="config file; default: the one stored in an hvq export")
+  ap.add_argument("--taming", action="store_true",
+                  help="the file is a taming-transformers VQGAN (partial initialisation)")
+  a = ap.parse_args(argv)
+  import importlib.util
+  import jax
+  import ml_collections
+  from hvq_jax import checkpoint as ckpt_lib, export, import_weights, train
+  from hvq_jax.model import ConfigError
+  try:
+    if a.config:
+      spec = importlib.util.spec_from_file_location("cfg", a.config)
+      mod = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(mod)
+      config = mod.get_config()
+    elif a.taming:
+      sys.exit("hvq import: --taming needs --config (the model to initialise)")
+    if a.taming:
+      theirs = import_weights.read_torch_file(a.checkpoint)
+    else:
+      tensors, model_cfg, rd = export.load_torch(a.checkpoint)
+      if not a.config:
+        import configs.default as default
+        config = default.get_config()
+        config.model = model_cfg
+        config.rd.lmbda = rd["lmbda"]
+        config.granularity.ratios = tuple(rd["ratios"])
+    config.loss.w_lpips = 0.0 if not a.config else config.loss.w_lpips
+    trainer = train.Trainer(config)
+    state = trainer.init_state(jax.random.PRNGKey(config.seed))
+    params = jax.device_get(state["params"])
+    if a.taming:
+      new, report = import_weights.import_taming(params, theirs)
+      print(import_weights.format_report(report))
+    else:
+      new = import_weights.import_hvq(params, tensors)
+    state = dict(state, params=jax.device_put(new, trainer.state_shardings["params"]),
+                 opt_g=trainer.opt_g.init(new))
+    if config.train.ema_decay > 0:
+      state["ema_params"] = state["params"]
+    ck = ckpt_lib.Checkpointer(os.path.join(a.out, "checkpoints"), async_save=False)
+    if ck.latest_step() is not None:
+      sys.exit(f"hvq import: {a.out} already holds checkpoints; choose an empty --out")
+    ck.save(0, state, None, config, force=True)
+    ck.close()
+    print(f"wrote {a.out}/checkpoints/0 (train on with: hvq train --workdir {a.out} ...)")
+  except (export.ExportError, ConfigError, OSError) as e:
+    sys.exit(f"hvq import: {e}")
+  return 0
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] in ("-h", "--help"):
@@ -230,6 +313,10 @@ def main(argv=None):
     return _eval(rest)
   if cmd == "plot":
     return _plot(rest)
+  if cmd == "export":
+    return _export(rest)
+  if cmd == "import":
+    return _import(rest)
   print(f"hvq: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
   return 2
 

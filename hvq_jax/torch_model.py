@@ -1,0 +1,496 @@
+"""The same HVQ-CGIC generator in pure PyTorch, loaded from `hvq export --format torch`.
+
+    from hvq_jax.torch_model import from_safetensors
+    net = from_safetensors("model.safetensors")          # nn.Module, eval mode
+    out = net(x)          # x: [B, 3, H, W] float in [-1, 1] (any H, W)
+    out["recon"], out["indices"], out["bits"], out["bpp"]
+
+Every layer mirrors the flax module of the same name (state_dict keys = export keys),
+including the numerics that matter for parity: GroupNorm eps 1e-6, tanh-GELU in the
+hyperprior, flax 'SAME' padding (asymmetric when the stride is 2), VQGAN's pad-then-VALID
+downsampling, PyTorch-style nearest resizing, and `lax.conv_transpose` (the hyper-
+synthesis upsamplers are stored as forward-conv kernels applied to the zero-dilated
+input, which is what flax's ConvTranspose computes). Needs the `torch` extra.
+"""
+import json
+import math
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GRANULARITIES = ("coarse", "medium", "fine")
+
+
+# ---- layers ------------------------------------------------------------------------------
+def _same_pads(n: int, k: int, s: int):
+  out = -(-n // s)
+  total = max((out - 1) * s + k - n, 0)
+  return total // 2, total - total // 2
+
+
+class Conv(nn.Module):
+  """flax nn.Conv: weight OIHW, 'SAME' (possibly asymmetric) or 'VALID' padding."""
+
+  def __init__(self, cin, cout, k, stride=1, padding="SAME"):
+    super().__init__()
+    self.weight = nn.Parameter(torch.zeros(cout, cin, k, k))
+    self.bias = nn.Parameter(torch.zeros(cout))
+    self.k, self.stride, self.padding = k, stride, padding
+
+  def forward(self, x):
+    if self.padding == "SAME":
+      ph = _same_pads(x.shape[2], self.k, self.stride)
+      pw = _same_pads(x.shape[3], self.k, self.stride)
+      x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
+    return F.conv2d(x, self.weight, self.bias, stride=self.stride)
+
+
+class ConvTransposeSame(nn.Module):
+  """flax nn.ConvTranspose(stride 2, 'SAME'): lax.conv_transpose = a forward conv with
+  this OIHW kernel over the input dilated by the stride and padded (pad_a, pad_b)."""
+
+  def __init__(self, cin, cout, k, stride=2):
+    super().__init__()
+    self.weight = nn.Parameter(torch.zeros(cout, cin, k, k))
+    self.bias = nn.Parameter(torch.zeros(cout))
+    self.k, self.s = k, stride
+    pad_len = k + stride - 2
+    self.pad_a = k - 1 if stride > k - 1 else math.ceil(pad_len / 2)
+    self.pad_b = pad_len - self.pad_a
+
+  def forward(self, x):
+    b, c, h, w = x.shape
+    d = x.new_zeros(b, c, (h - 1) * self.s + 1, (w - 1) * self.s + 1)
+    d[:, :, ::self.s, ::self.s] = x
+    d = F.pad(d, (self.pad_a, self.pad_b, self.pad_a, self.pad_b))
+    return F.conv2d(d, self.weight, self.bias)
+
+
+class Dense(nn.Module):
+  def __init__(self, cin, cout):
+    super().__init__()
+    self.weight = nn.Parameter(torch.zeros(cout, cin))
+    self.bias = nn.Parameter(torch.zeros(cout))
+
+  def forward(self, x):
+    return F.linear(x, self.weight, self.bias)
+
+
+class GroupNorm(nn.GroupNorm):
+  def __init__(self, groups, ch):
+    super().__init__(groups, ch, eps=1e-6)
+
+
+def nearest_resize(x, size):
+  h_in, w_in = x.shape[2:]
+  if (h_in, w_in) == tuple(size):
+    return x
+  rows = (torch.arange(size[0]) * h_in) // size[0]
+  cols = (torch.arange(size[1]) * w_in) // size[1]
+  return x[:, :, rows][:, :, :, cols]
+
+
+class SpatialNorm(nn.Module):
+  def __init__(self, groups, ch, cond_ch):
+    super().__init__()
+    self.norm = GroupNorm(groups, ch)
+    self.conv_y = Conv(cond_ch, ch, 1)
+    self.conv_b = Conv(cond_ch, ch, 1)
+
+  def forward(self, h, cond):
+    c = nearest_resize(cond, h.shape[2:])
+    return self.norm(h) * self.conv_y(c) + self.conv_b(c)
+
+
+def _norm(groups, ch, cond_ch):
+  return GroupNorm(groups, ch) if cond_ch is None else SpatialNorm(groups, ch, cond_ch)
+
+
+class ResBlock(nn.Module):
+  def __init__(self, cin, cout, groups, cond_ch=None):
+    super().__init__()
+    self.norm1 = _norm(groups, cin, cond_ch)
+    self.conv1 = Conv(cin, cout, 3)
+    self.norm2 = _norm(groups, cout, cond_ch)
+    self.conv2 = Conv(cout, cout, 3)
+    self.nin_shortcut = Conv(cin, cout, 1) if cin != cout else None
+    self.cond = cond_ch is not None
+
+  def forward(self, x, cond=None):
+    n = (lambda m, h: m(h, cond)) if self.cond else (lambda m, h: m(h))
+    h = self.conv1(F.silu(n(self.norm1, x)))
+    h = self.conv2(F.silu(n(self.norm2, h)))
+    if self.nin_shortcut is not None:
+      x = self.nin_shortcut(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  def __init__(self, ch, groups, cond_ch=None):
+    super().__init__()
+    self.norm = _norm(groups, ch, cond_ch)
+    self.q, self.k, self.v, self.proj_out = (Conv(ch, ch, 1) for _ in range(4))
+    self.cond = cond_ch is not None
+
+  def forward(self, x, cond=None):
+    b, c, h, w = x.shape
+    hn = self.norm(x, cond) if self.cond else self.norm(x)
+    q, k, v = (m(hn).reshape(b, c, h * w).transpose(1, 2) for m in (self.q, self.k, self.v))
+    a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)
+    out = (a @ v).transpose(1, 2).reshape(b, c, h, w)
+    return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+  def __init__(self, ch):
+    super().__init__()
+    self.conv = Conv(ch, ch, 3, stride=2, padding="VALID")
+
+  def forward(self, x):
+    return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+  def __init__(self, ch):
+    super().__init__()
+    self.conv = Conv(ch, ch, 3)
+
+  def forward(self, x):
+    return self.conv(x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+class LambdaFiLM(nn.Module):
+  def __init__(self, ch):
+    super().__init__()
+    self.embed = Dense(1, 64)
+    self.scale_shift = Dense(64, 2 * ch)
+
+  def forward(self, h, log_lmbda):
+    ss = self.scale_shift(F.silu(self.embed(log_lmbda[:, None])))
+    scale, shift = ss[:, :, None, None].chunk(2, dim=1)
+    return h * (1 + scale) + shift
+
+
+# ---- encoder / decoder ------------------------------------------------------------------
+class Head(nn.Module):
+  def __init__(self, ch, embed_dim, groups, attention, film):
+    super().__init__()
+    self.res1 = ResBlock(ch, ch, groups)
+    self.attn = AttnBlock(ch, groups) if attention else None
+    self.res2 = ResBlock(ch, ch, groups)
+    self.norm_out = GroupNorm(groups, ch)
+    self.film = LambdaFiLM(ch) if film else None
+    self.conv_out = Conv(ch, embed_dim, 3)
+
+  def forward(self, h, log_lmbda):
+    h = self.res1(h)
+    if self.attn is not None:
+      h = self.attn(h)
+    h = F.silu(self.norm_out(self.res2(h)))
+    if self.film is not None:
+      h = self.film(h, log_lmbda)
+    return self.conv_out(h)
+
+
+class Encoder(nn.Module):
+  def __init__(self, c):
+    super().__init__()
+    self.levels = len(c.ch_mult)
+    self.nres = c.num_res_blocks
+    self.attn_strides = tuple(c.attn_strides)
+    self.strides = tuple(c.strides)
+    self.conv_in = Conv(3, c.ch, 3)
+    ch = c.ch
+    widths = {}
+    for level, mult in enumerate(c.ch_mult):
+      for i in range(c.num_res_blocks):
+        setattr(self, f"down{level}_res{i}", ResBlock(ch, c.ch * mult, c.norm_groups))
+        ch = c.ch * mult
+        if 2 ** level in self.attn_strides:
+          setattr(self, f"down{level}_attn{i}", AttnBlock(ch, c.norm_groups))
+      widths[2 ** level] = ch
+      if level != self.levels - 1:
+        setattr(self, f"down{level}_downsample", Downsample(ch))
+    for g, s in zip(GRANULARITIES, self.strides):
+      setattr(self, f"head_{g}", Head(widths[s], c.embed_dim, c.norm_groups,
+                                      s in tuple(c.head_attn_strides), c.lambda_conditioning))
+
+  def forward(self, x, log_lmbda):
+    h = self.conv_in(x)
+    feats = {}
+    for level in range(self.levels):
+      for i in range(self.nres):
+        h = getattr(self, f"down{level}_res{i}")(h)
+        if 2 ** level in self.attn_strides:
+          h = getattr(self, f"down{level}_attn{i}")(h)
+      feats[2 ** level] = h
+      if level != self.levels - 1:
+        h = getattr(self, f"down{level}_downsample")(h)
+    return {g: getattr(self, f"head_{g}")(feats[s], log_lmbda)
+            for g, s in zip(GRANULARITIES, self.strides)}
+
+
+class Decoder(nn.Module):
+  def __init__(self, c):
+    super().__init__()
+    self.levels = len(c.dec_ch_mult)
+    self.nres = c.dec_num_res_blocks
+    self.attn_strides = tuple(c.dec_attn_strides)
+    g, cc = c.norm_groups, c.embed_dim + 3
+    ch = c.dec_ch * c.dec_ch_mult[-1]
+    self.conv_in = Conv(cc, ch, 3)
+    self.mid_res1 = ResBlock(ch, ch, g, cc)
+    self.mid_attn = AttnBlock(ch, g, cc)
+    self.mid_res2 = ResBlock(ch, ch, g, cc)
+    for level in reversed(range(self.levels)):
+      for i in range(self.nres + 1):
+        setattr(self, f"up{level}_res{i}", ResBlock(ch, c.dec_ch * c.dec_ch_mult[level], g, cc))
+        ch = c.dec_ch * c.dec_ch_mult[level]
+        if 2 ** level in self.attn_strides:
+          setattr(self, f"up{level}_attn{i}", AttnBlock(ch, g, cc))
+      if level != 0:
+        setattr(self, f"up{level}_upsample", Upsample(ch))
+    self.norm_out = SpatialNorm(g, ch, cc)
+    self.conv_out = Conv(ch, 3, 3)
+
+  def forward(self, cond, out_hw):
+    top = 2 ** (self.levels - 1)
+    h = self.conv_in(nearest_resize(cond, (out_hw[0] // top, out_hw[1] // top)))
+    h = self.mid_res2(self.mid_attn(self.mid_res1(h, cond), cond), cond)
+    for level in reversed(range(self.levels)):
+      for i in range(self.nres + 1):
+        h = getattr(self, f"up{level}_res{i}")(h, cond)
+        if 2 ** level in self.attn_strides:
+          h = getattr(self, f"up{level}_attn{i}")(h, cond)
+      if level != 0:
+        h = getattr(self, f"up{level}_upsample")(h)
+    return self.conv_out(F.silu(self.norm_out(h, cond)))
+
+
+# ---- codebook, hyperprior, rate -------------------------------------------------------------
+class Codebook(nn.Module):
+  def __init__(self, k, d, l2):
+    super().__init__()
+    self.embedding = nn.Parameter(torch.zeros(k, d))
+    self.l2 = l2
+
+  def entries(self):
+    e = self.embedding
+    return e / torch.sqrt((e * e).sum(-1, keepdim=True) + 1e-6) if self.l2 else e
+
+  def forward(self, y):
+    """y [B, D, h, w] -> indices [B, h, w] (nearest entry, same formula as JAX)."""
+    e = self.entries()
+    y = y.permute(0, 2, 3, 1)
+    if self.l2:
+      y = y / torch.sqrt((y * y).sum(-1, keepdim=True) + 1e-6)
+    d = (y * y).sum(-1, keepdim=True) - 2 * y @ e.T + (e * e).sum(-1)
+    return d.argmin(-1)
+
+
+class EntropyBottleneck(nn.Module):
+  def __init__(self, channels, filters=(3, 3, 3)):
+    super().__init__()
+    dims = (1,) + tuple(filters) + (1,)
+    self.n = len(filters)
+    for i in range(self.n + 1):
+      self.register_parameter(f"matrix{i}", nn.Parameter(torch.zeros(channels, dims[i + 1], dims[i])))
+      self.register_parameter(f"bias{i}", nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
+      if i < self.n:
+        self.register_parameter(f"factor{i}", nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
+
+  def _logits(self, x):
+    h = x
+    for i in range(self.n + 1):
+      h = F.softplus(getattr(self, f"matrix{i}")) @ h + getattr(self, f"bias{i}")
+      if i < self.n:
+        h = h + torch.tanh(getattr(self, f"factor{i}")) * torch.tanh(h)
+    return h
+
+  def likelihood(self, z):
+    """z [B, C, h, w] on the integer grid -> P(z) same shape."""
+    b, c, hh, ww = z.shape
+    v = z.permute(1, 0, 2, 3).reshape(c, 1, -1)
+    lo, up = self._logits(v - 0.5), self._logits(v + 0.5)
+    sign = -torch.sign(lo + up)
+    lik = torch.abs(torch.sigmoid(sign * up) - torch.sigmoid(sign * lo)).clamp_min(1e-9)
+    return lik.reshape(c, b, hh, ww).permute(1, 0, 2, 3)
+
+
+class HyperBranch(nn.Module):
+  def __init__(self, c):
+    super().__init__()
+    h = c.hyperprior
+    self.num_down = h.num_down
+    self.analysis_in = Conv(c.embed_dim, h.channels, 3)
+    for i in range(h.num_down):
+      out = h.channels if i < h.num_down - 1 else h.latent_channels
+      setattr(self, f"analysis_down{i}", Conv(h.channels, out, 5, stride=2))
+    for i in range(h.num_down):
+      cin = h.latent_channels if i == 0 else h.channels
+      setattr(self, f"synthesis_up{i}", ConvTransposeSame(cin, h.channels, 5))
+    self.synthesis_out = Conv(h.channels, 2 * c.embed_dim, 3)
+    self.bottleneck = EntropyBottleneck(h.latent_channels)
+    self.log_sigma_range = (math.log(h.sigma_min), math.log(h.sigma_max))
+    if h.get("index_bias", False):
+      self.index_bias = nn.Parameter(torch.zeros(c.codebook_size))
+      self.bias_scale = float(h.get("index_bias_scale", 1.0))
+    else:
+      self.index_bias = None
+    self.mix_logit = nn.Parameter(torch.zeros(())) if h.get("index_mixture", False) else None
+
+  def analysis(self, y):
+    h = F.gelu(self.analysis_in(y), approximate="tanh")
+    for i in range(self.num_down):
+      h = getattr(self, f"analysis_down{i}")(h)
+      if i < self.num_down - 1:
+        h = F.gelu(h, approximate="tanh")
+    return h
+
+  def synthesis(self, z_hat, grid_hw):
+    h = z_hat
+    for i in range(self.num_down):
+      h = F.gelu(getattr(self, f"synthesis_up{i}")(h), approximate="tanh")
+    out = self.synthesis_out(h)[:, :, :grid_hw[0], :grid_hw[1]]
+    mu, log_sigma = out.chunk(2, dim=1)
+    return mu, torch.exp(log_sigma.clamp(*self.log_sigma_range))
+
+  def log_prior(self):
+    return None if self.index_bias is None else self.bias_scale * self.index_bias
+
+
+def index_log_probs(mu, sigma, codebook, log_prior=None, mix_logit=None):
+  """mu, sigma [..., D], codebook [K, D] -> log p [..., K] (the JAX rate.py formula)."""
+  diff = (codebook - mu[..., None, :]) / sigma[..., None, :]
+  logits = -0.5 * (diff * diff).sum(-1)
+  if log_prior is not None:
+    logits = logits + log_prior
+  lp = logits - torch.logsumexp(logits, -1, keepdim=True)
+  if mix_logit is not None:
+    b = log_prior if log_prior is not None else torch.zeros(codebook.shape[0])
+    lp = torch.logaddexp(F.logsigmoid(-mix_logit) + lp,
+                         F.logsigmoid(mix_logit) + b - torch.logsumexp(b, 0))
+  return lp
+
+
+# ---- granularity map --------------------------------------------------------------------
+def patch_entropy(x, patch, bins=32):
+  """x [B, 3, H, W] in [-1, 1] -> entropy of each patch's soft gray histogram [B, H/p, W/p]."""
+  b, _, h, w = x.shape
+  rgb = (x + 1.0) / 2.0
+  gray = torch.einsum("bchw,c->bhw", rgb, torch.tensor([0.299, 0.587, 0.114]))
+  centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+  k = torch.exp(-0.5 * ((gray[..., None] - centres) * bins) ** 2)
+  k = k / k.sum(-1, keepdim=True)
+  hist = k.reshape(b, h // patch, patch, w // patch, patch, bins).mean((2, 4))
+  return -(hist * torch.log(hist.clamp_min(1e-12))).sum(-1)
+
+
+def class_counts(n, ratios):
+  r = torch.tensor(ratios, dtype=torch.float32)
+  n_f = torch.round(r[2] * n)
+  n_fm = torch.clamp(torch.round((r[2] + r[1]) * n), min=float(n_f), max=float(n))
+  return torch.stack([n - n_fm, n_fm - n_f, n_f]).long()
+
+
+def granularity_map(x, ratios, patch, bins=32):
+  scores = patch_entropy(x, patch, bins)
+  b, h, w = scores.shape
+  counts = class_counts(h * w, ratios)
+  order = torch.argsort(-scores.reshape(b, -1), dim=-1, stable=True)
+  rank = torch.argsort(order, dim=-1, stable=True)
+  gmap = torch.where(rank < counts[2], 2, torch.where(rank < counts[2] + counts[1], 1, 0))
+  return gmap.reshape(b, h, w)
+
+
+# ---- the model -------------------------------------------------------------------------------
+class HVQ(nn.Module):
+  def __init__(self, model_cfg, lmbda: float = 1.0, ratios: Sequence[float] = (0.1, 0.4, 0.5)):
+    super().__init__()
+    c = model_cfg
+    self.cfg = c
+    self.default_lmbda, self.default_ratios = float(lmbda), tuple(float(r) for r in ratios)
+    self.encoder = Encoder(c)
+    self.decoder = Decoder(c)
+    if c.shared_codebook:
+      self.codebook = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized)
+    else:
+      for g in GRANULARITIES:
+        setattr(self, f"codebook_{g}", Codebook(c.codebook_size, c.embed_dim, c.l2_normalized))
+    for g in GRANULARITIES:
+      setattr(self, f"hyper_{g}", HyperBranch(c))
+
+  def codebooks(self, g):
+    return self.codebook if self.cfg.shared_codebook else getattr(self, f"codebook_{g}")
+
+  @torch.no_grad()
+  def forward(self, x, lmbda: Optional[float] = None, ratios: Optional[Sequence[float]] = None):
+    """x [B, 3, H, W] in [-1, 1] -> recon (same layout/range), indices, map, bits, bpp."""
+    c = self.cfg
+    lmbda = self.default_lmbda if lmbda is None else float(lmbda)
+    ratios = self.default_ratios if ratios is None else tuple(float(r) for r in ratios)
+    b, _, H, W = x.shape
+    s = tuple(c.strides)
+    xp = F.pad(x, (0, (-W) % s[0], 0, (-H) % s[0]), mode="replicate")
+    log_l = torch.full((b,), math.log(lmbda))
+    y = self.encoder(xp, log_l)
+    gmap = granularity_map(xp, ratios, s[0], c.granularity_bins)
+    bits, indices, masks, q = {}, {}, {}, {}
+    z_bits = torch.zeros(b)
+    nd = c.hyperprior.num_down
+    for gi, (g, st) in enumerate(zip(GRANULARITIES, s)):
+      f = s[0] // st
+      m = (gmap == gi).repeat_interleave(f, 1).repeat_interleave(f, 2)
+      cb = self.codebooks(g)
+      idx = cb(y[g])
+      e = cb.entries()
+      hb = getattr(self, f"hyper_{g}")
+      z_hat = torch.round(hb.analysis(y[g]))
+      if c.hyperprior.get("mask_z", False):
+        fz = 2 ** nd
+        mp = F.pad(m.float(), (0, (-m.shape[2]) % fz, 0, (-m.shape[1]) % fz))
+        zm = F.max_pool2d(mp[:, None], fz)[:, 0] > 0
+        z_hat = z_hat * zm[:, None].float()
+      else:
+        zm = torch.ones(z_hat.shape[0], *z_hat.shape[2:], dtype=torch.bool)
+      zb = -torch.log2(hb.bottleneck.likelihood(z_hat)) * zm[:, None].float()
+      any_sent = (m.flatten(1).sum(1) > 0).float()
+      z_bits = z_bits + zb.flatten(1).sum(1) * any_sent
+      mu, sigma = hb.synthesis(z_hat, idx.shape[1:])
+      lp = index_log_probs(mu.permute(0, 2, 3, 1), sigma.permute(0, 2, 3, 1), e,
+                           hb.log_prior(), hb.mix_logit)
+      per = -torch.gather(lp, -1, idx[..., None])[..., 0] / math.log(2.0)
+      bits[f"y_{g}"] = (per * m.float()).flatten(1).sum(1)
+      indices[g], masks[g] = idx, m
+      q[g] = e[idx] * m[..., None].float()
+    bits["z"] = z_bits
+    counts = class_counts(gmap[0].numel(), ratios).float()
+    p = counts[gmap.reshape(b, -1)] / gmap[0].numel()
+    bits["map"] = -torch.log2(p.clamp_min(1e-12)).sum(-1)
+    s_f = s[-1]
+    merged = sum(q[g].repeat_interleave(st // s_f, 1).repeat_interleave(st // s_f, 2)
+                 for g, st in zip(GRANULARITIES, s))
+    f = s[0] // s_f
+    onehot = F.one_hot(gmap.repeat_interleave(f, 1).repeat_interleave(f, 2), 3).float()
+    cond = torch.cat([merged, onehot], -1).permute(0, 3, 1, 2)
+    recon = self.decoder(cond, xp.shape[2:])[:, :, :H, :W]
+    total = sum(bits.values())
+    return dict(recon=recon, indices=indices, masks=masks, gmap=gmap, bits=bits,
+                bpp=total / (H * W))
+
+
+def from_safetensors(path: str) -> HVQ:
+  """Load `hvq export --format torch` output: config from the metadata, weights strict."""
+  from safetensors.torch import load_file
+  from hvq_jax import export
+  tensors, model_cfg, rd = export.load_torch(path)
+  net = HVQ(model_cfg, rd["lmbda"], rd["ratios"])
+  state = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
+  missing, unexpected = net.load_state_dict(state, strict=False)
+  if missing or unexpected:
+    raise export.ExportError(f"{path}: missing keys {missing[:10]}, unexpected keys "
+                             f"{unexpected[:10]}")
+  return net.eval()
