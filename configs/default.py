@@ -25,7 +25,8 @@ def model_config() -> ml_collections.ConfigDict:
       rate_chunk=1024,                     # positions per example priced at once ([B, chunk, K] logits)
       # z: 8 channels per 4x4 block of D=4 vectors (<= 16 indices of log2 K bits): side
       # information must stay well below what it saves.
-      hyperprior=dict(channels=128, latent_channels=8, num_down=2,
+      hyperprior=dict(enabled=True,        # False: static learned histogram, no z (ablation)
+                      channels=128, latent_channels=8, num_down=2,
                       sigma_min=1e-4, sigma_max=1e2,
                       mask_z=True,         # send z only where its granularity is sent
                       index_bias=True,     # + a learned static logit per entry (rate.py)

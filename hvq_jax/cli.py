@@ -15,6 +15,7 @@ commands:
   plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC]
   export      --checkpoint DIR --format torch|stablehlo --out OUT [--size HxW]
   import      --from torch --checkpoint FILE --out DIR [--config configs/X.py] [--taming]
+  sweep       --config configs/X.py --workdir DIR [--variants a,b] [--grid 'f=v1,v2 ...'] [--print-only]
 """
 
 
@@ -315,6 +316,9 @@ def main(argv=None):
     return _plot(rest)
   if cmd == "export":
     return _export(rest)
+  if cmd == "sweep":
+    from hvq_jax import sweep
+    return sweep.main(rest)
   if cmd == "import":
     return _import(rest)
   print(f"hvq: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)

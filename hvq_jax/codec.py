@@ -99,8 +99,10 @@ class CodecModel:
     self.fingerprint = fingerprint(params, config.model)
     r = int(codec["z_range"])
     support = jnp.arange(-r, r + 1)
+    # hyperprior.enabled=False is the static-histogram ablation: no z, one PMF per granularity
+    self.hyper_on = bool(self.cfg.hyperprior.get("enabled", True))
     self.z_tables = {g: np.asarray(jax.device_get(self._apply(
-        "z_likelihoods", g, support)), np.float64) for g in GRANULARITIES}
+        "z_likelihoods", g, support)), np.float64) for g in GRANULARITIES} if self.hyper_on else {}
     self.codebooks = {g: np.asarray(jax.device_get(self._apply("codebook_entries", g)))
                       for g in GRANULARITIES}
     self.log_priors = {g: np.asarray(jax.device_get(self._apply("index_log_prior", g)))
@@ -185,6 +187,8 @@ def _streams_for_z(model, g, z_hat, zmask):
 
 def _z_masks(model, masks, z_shapes):
   """Which z positions are sent: all of them, or (mask_z) those over sent positions."""
+  if not model.hyper_on:
+    return {}
   if model.cfg.hyperprior.get("mask_z", False):
     zm = model_lib.z_masks({g: jnp.asarray(m) for g, m in masks.items()},
                            model.cfg.hyperprior.num_down)
@@ -193,6 +197,10 @@ def _z_masks(model, masks, z_shapes):
 
 
 def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
+  if not model.hyper_on:
+    b = model.log_priors[g].astype(np.float64)
+    p = np.exp(b - b.max())
+    return np.tile(p / p.sum(), (int(mask.sum()), 1))
   with _stage(timings, "model"):
     mu, sigma = jax.device_get(_prior_fn(model.model, g, grid_hw)(model.params, jnp.asarray(z_hat)))
   m = mask.reshape(-1)
@@ -238,17 +246,17 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
   names = ["map"]
   r = int(model.codec["z_range"])
   masks = _masks(gmap[None], strides)
-  zmasks = _z_masks(model, masks, {g: lat["z"][g].shape[:3] for g in GRANULARITIES})
+  zmasks = _z_masks(model, masks, {g: lat["z"][g].shape[:3] for g in lat["z"]})
   z_hats = {}
   for gi, g in enumerate(GRANULARITIES):
-    if counts[gi]:
+    if counts[gi] and model.hyper_on:
       z_hats[g] = np.clip(np.round(lat["z"][g]), -r, r).astype(np.float32) * zmasks[g][..., None]
       streams.append(_streams_for_z(model, g, z_hats[g], zmasks[g]))
       names.append("z")
   for gi, g in enumerate(GRANULARITIES):
     if counts[gi]:
       idx = np.asarray(lat["indices"][g])
-      probs = _index_probs(model, g, z_hats[g], idx.shape[1:3], masks[g], timings)
+      probs = _index_probs(model, g, z_hats.get(g), idx.shape[1:3], masks[g], timings)
       streams.append((idx.reshape(-1)[masks[g].reshape(-1)], probs))
       names.append(f"y_{g}")
   with _stage(timings, "range_coding"):
@@ -311,7 +319,7 @@ def decode_indices(model: CodecModel, data: bytes, timings: Optional[dict] = Non
                                    for g, s in zip(GRANULARITIES, strides)})
   z_hats = {}
   for gi, g in enumerate(GRANULARITIES):
-    if counts[gi]:
+    if counts[gi] and model.hyper_on:
       zm = zmasks[g]
       channel = np.tile(np.arange(c), int(zm.sum()))
       with _stage(timings, "range_coding"):
@@ -324,7 +332,7 @@ def decode_indices(model: CodecModel, data: bytes, timings: Optional[dict] = Non
     grid = (hp // s, wp // s)
     idx = np.zeros((1,) + grid, np.int32)
     if counts[gi]:
-      probs = _index_probs(model, g, z_hats[g], grid, masks[g], timings)
+      probs = _index_probs(model, g, z_hats.get(g), grid, masks[g], timings)
       flat = idx.reshape(-1)
       with _stage(timings, "range_coding"):
         flat[masks[g].reshape(-1)] = dec.decode(probs)

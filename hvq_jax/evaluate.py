@@ -207,7 +207,7 @@ def summarize(rows: List[Dict]) -> Dict:
   huff_img = {n: 1.0 - sum(r["bits_hyperprior"] for r in rs) / sum(r["bits_huffman"] for r in rs)
               for n, rs in per_image.items()}
   cv = curves(rows)
-  bd = {}
+  bd, bd_missing = {}, {}
   for m in cv:
     if m == "hvq":
       continue
@@ -218,6 +218,7 @@ def summarize(rows: List[Dict]) -> Dict:
         bd[f"hvq_vs_{m}_{metric}"] = bd_rate(*zip(*a), *zip(*b))
       except (ValueError, TypeError) as e:
         bd[f"hvq_vs_{m}_{metric}"] = None
+        bd_missing[f"hvq_vs_{m}_{metric}"] = str(e)
   return dict(
       hyperprior_saving_vs_static=_mean([r["saving_vs_static"] for r in ours]),
       hyperprior_saving_vs_huffman=_mean([r["saving_vs_huffman"] for r in ours]),
@@ -231,6 +232,6 @@ def summarize(rows: List[Dict]) -> Dict:
           file=_mean([r["bits_hyperprior"] for r in ours]), y=_mean([r["est_bits_y"] for r in ours]),
           z=_mean([r["est_bits_z"] for r in ours]), map=_mean([r["est_bits_map"] for r in ours]),
           container=CONTAINER_BITS, static_indices_and_map=_mean([r["bits_static"] for r in ours])),
-      curves=cv, bd_rate_percent=bd,
+      curves=cv, bd_rate_percent=bd, bd_rate_not_computed=bd_missing,
       bd_rate_note="percent rate change of hvq against each baseline at equal metric "
                    "(negative: hvq needs fewer bits); pchip, over the shared metric range")

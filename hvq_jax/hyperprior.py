@@ -85,3 +85,18 @@ class HyperBranch(nn.Module):
       z_hat, z_bits = z_hat * m, z_bits * m
     mu, sigma = self.synthesis(z_hat, y.shape[1:3])
     return dict(z=z, z_hat=z_hat, z_bits=z_bits, mu=mu, sigma=sigma)
+
+
+class StaticIndexPrior(nn.Module):
+  """The hyperprior-off ablation: one learned histogram (logits) of indices, no z."""
+  codebook_size: int
+  bias_scale: float = 1.0
+
+  def setup(self):
+    self.index_bias = self.param("index_bias", nn.initializers.zeros, (self.codebook_size,))
+
+  def log_prior(self):
+    return self.bias_scale * self.index_bias.astype(jnp.float32)
+
+  def mixture_logit(self):
+    return None

@@ -10,7 +10,7 @@ from hvq_jax import granularity, rate
 from hvq_jax.codebook import Codebook
 from hvq_jax.decoder import Decoder
 from hvq_jax.encoder import GRANULARITIES, Encoder
-from hvq_jax.hyperprior import HyperBranch
+from hvq_jax.hyperprior import HyperBranch, StaticIndexPrior
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f"{name} * mult = {ch * m} is not divisible by norm_groups={cfg.norm_groups}")
   need(cfg.hyperprior.channels % 1 == 0 and cfg.hyperprior.num_down >= 1,
        "hyperprior.num_down must be >= 1")
-  for flag in ("mask_z", "index_bias", "index_mixture"):
+  for flag in ("mask_z", "index_bias", "index_mixture", "enabled"):
     need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
        "need 0 < hyperprior.sigma_min < hyperprior.sigma_max")
@@ -107,6 +107,10 @@ class HVQ(nn.Module):
       self.codebooks = {g: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized,
                                     c.codebook_init_scale, name=f"codebook_{g}") for g in GRANULARITIES}
     h = c.hyperprior
+    if not h.get("enabled", True):
+      self.hyper = {g: StaticIndexPrior(c.codebook_size, float(h.get("index_bias_scale", 1.0)),
+                                        name=f"static_{g}") for g in GRANULARITIES}
+      return
     bias_k = c.codebook_size if h.get("index_bias", False) else 0
     self.hyper = {g: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
                                  h.sigma_min, h.sigma_max, dtype, bias_k,
@@ -143,7 +147,8 @@ class HVQ(nn.Module):
     """Padded x -> map, indices {g: [B, h_g, w_g]} and continuous z {g: [B, ., ., C_z]}."""
     a = self.analyze(x, lmbda, ratios)
     idx = {g: self.codebooks[g](a["y"][g])["indices"] for g in GRANULARITIES}
-    z = {g: self.hyper[g].analysis(a["y"][g]) for g in GRANULARITIES}
+    z = ({g: self.hyper[g].analysis(a["y"][g]) for g in GRANULARITIES}
+         if self.cfg.hyperprior.get("enabled", True) else {})
     return dict(gmap=a["gmap"], indices=idx, z=z)
 
   def z_likelihoods(self, g: str, support: jax.Array) -> jax.Array:
@@ -189,10 +194,18 @@ class HVQ(nn.Module):
     cb_loss = commit_loss = 0.0
     z_bits = jnp.zeros((b,), jnp.float32)
     zm = z_masks(masks, c.hyperprior.num_down) if c.hyperprior.get("mask_z", False) else {}
+    hyper_on = c.hyperprior.get("enabled", True)
     for g in GRANULARITIES:
       vq = self.codebooks[g](a["y"][g])
-      hp = self.hyper[g](a["y"][g], training, zm.get(g))
       idx = vq["indices"]
+      if not hyper_on:   # ablation: static learned histogram, no side information
+        m = masks[g].astype(jnp.float32)
+        bits[f"y_{g}"] = jnp.sum(rate.static_bits(self.hyper[g].log_prior(), idx) * m, axis=(1, 2))
+        cb_loss = cb_loss + vq["codebook_loss"] / 3
+        commit_loss = commit_loss + vq["commitment_loss"] / 3
+        q[g], indices[g] = vq["q"], idx
+        continue
+      hp = self.hyper[g](a["y"][g], training, zm.get(g))
       per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
                                 y=None if c.rate_straight_through == "off" else vq["y"],
                                 chunk_size=c.rate_chunk or None,

@@ -31,7 +31,10 @@ def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool =
     for m, pts in cv.items():
       if m != "hvq" and multi and d != result_dirs[0]:
         continue  # baselines once, from the first dir
-      label = f"hvq ({os.path.basename(os.path.normpath(d))})" if m == "hvq" and multi else m
+      run = os.path.basename(os.path.normpath(d))
+      if run == "eval":   # a sweep's run/eval folder: name it by the run
+        run = os.path.basename(os.path.dirname(os.path.normpath(d)))
+      label = f"hvq ({run})" if m == "hvq" and multi else m
       series.append((label, pts, "o-" if m == "hvq" else ".--"))
   if include_published:
     from hvq_jax import baselines

@@ -137,3 +137,11 @@ def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: ja
                             split(chosen_prior, 0.0)))
     bits = jnp.moveaxis(bits, 0, 1).reshape(lead, n * chunk_size)[:, :p]
   return bits.reshape(batch_shape)
+
+
+def static_bits(log_prior: jax.Array, indices: jax.Array) -> jax.Array:
+  """Bits of each index under the static distribution softmax(log_prior): [...] f32.
+
+  The hyperprior-off ablation (Control-GIC's static code, learned end to end)."""
+  lp = log_prior.astype(jnp.float32) - jax.nn.logsumexp(log_prior.astype(jnp.float32))
+  return -jnp.take(lp, indices, axis=0) / LN2

@@ -41,6 +41,7 @@ def _config(seed=0):
   c = tiny_cpu.get_config()
   c.seed = seed
   c.train.batch_size = 4
+  c.image_size = 64
   return c
 
 

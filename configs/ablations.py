@@ -1,0 +1,30 @@
+"""Named ablation variants, each a one-field change from the tiny CPU base (big_vision style).
+
+  hvq train --config configs/ablations.py:hyperprior_off --workdir runs/abl/hyperprior_off
+  hvq sweep --config configs/ablations.py --variants base,hyperprior_off,single_scale --workdir runs/abl
+
+On accelerators, pass `--config.model...` overrides (or copy this file over default.py).
+"""
+from configs import tiny_cpu
+
+VARIANTS = {
+    "base": lambda c: None,
+    "hyperprior_off": lambda c: c.model.hyperprior.update(enabled=False),
+    "per_granularity_codebook": lambda c: c.model.update(shared_codebook=False),
+    "no_rate_straight_through": lambda c: c.model.update(rate_straight_through="off"),
+    "no_lambda_conditioning": lambda c: c.model.update(lambda_conditioning=False),
+    # single-scale VQGAN at the fine stride: every patch is sent fine
+    "single_scale": lambda c: c.granularity.update(ratios=(0.0, 0.0, 1.0)),
+    "single_scale_hyperprior_off": lambda c: (c.granularity.update(ratios=(0.0, 0.0, 1.0)),
+                                              c.model.hyperprior.update(enabled=False)),
+    "large_codebook": lambda c: c.model.update(codebook_size=16384),
+}
+
+
+def get_config(name: str = "base"):
+  if name not in VARIANTS:
+    raise ValueError(f"unknown ablation {name!r}; choose from {sorted(VARIANTS)}")
+  c = tiny_cpu.get_config()
+  VARIANTS[name](c)
+  c.variant = name
+  return c

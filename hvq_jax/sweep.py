@@ -1,0 +1,137 @@
+"""`hvq sweep`: expand a grid (or named variants), train + evaluate each run, one table.
+
+Runs are local subprocesses one after another (`hvq train`, then `hvq eval`), or, with
+`--print-only`, the commands to paste into the TPU/SLURM launch scripts. A run whose
+`eval/summary.json` exists is skipped, so re-running a sweep finishes what is missing.
+Outputs in WORKDIR: `table.csv`, `table.md` (one row per run and setting, with the
+hyperprior's saving over the static histogram) and `rd_*.png/svg` across runs.
+"""
+import csv
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+
+def split_top(s: str, sep: str = ",") -> List[str]:
+  """Split on `sep` outside parentheses/brackets: '1,(2,3)' -> ['1', '(2,3)']."""
+  out, depth, cur = [], 0, ""
+  for ch in s:
+    depth += ch in "([" 
+    depth -= ch in ")]"
+    if ch == sep and depth == 0:
+      out.append(cur)
+      cur = ""
+    else:
+      cur += ch
+  out.append(cur)
+  return [x.strip() for x in out if x.strip()]
+
+
+def expand_grid(grid: str) -> List[Dict[str, str]]:
+  """'a.b=1,2 c=(0.1,0.2)' -> [{'a.b': '1', 'c': '(0.1,0.2)'}, {'a.b': '2', ...}]."""
+  fields = []
+  for item in shlex.split(grid):
+    if "=" not in item:
+      raise ValueError(f"grid item {item!r} is not FIELD=V1,V2,...")
+    k, v = item.split("=", 1)
+    fields.append((k, split_top(v)))
+  if not fields:
+    return [{}]
+  keys = [k for k, _ in fields]
+  return [dict(zip(keys, combo)) for combo in itertools.product(*[v for _, v in fields])]
+
+
+def run_name(variant: str, overrides: Dict[str, str]) -> str:
+  parts = [variant] if variant else []
+  parts += [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
+  name = "__".join(parts) or "base"
+  return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in name)
+
+
+def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
+         extra: Sequence[str]) -> List[Tuple[str, List[str], List[str]]]:
+  """[(run dir, train argv, eval argv)]"""
+  runs = []
+  for variant in (variants or [""]):
+    cfg = f"{config}:{variant}" if variant else config
+    for ov in expand_grid(grid or ""):
+      d = os.path.join(workdir, run_name(variant, ov))
+      train = ["train", "--config", cfg, "--workdir", d, "--noprogress"] + \
+          [f"--config.{k}={v}" for k, v in ov.items()] + list(extra)
+      ev = ["eval", "--checkpoint", d, "--out", os.path.join(d, "eval"), "--no-progress",
+            "--baselines", ""]
+      runs.append((d, train, ev))
+  return runs
+
+
+def collect(workdir: str, run_dirs: Sequence[str]) -> List[Dict]:
+  rows = []
+  for d in run_dirs:
+    p = os.path.join(d, "eval", "summary.json")
+    if not os.path.isfile(p):
+      continue
+    with open(p) as f:
+      s = json.load(f)
+    per_setting = s.get("saving_vs_static_per_setting", {})
+    for pt in s["curves"].get("hvq", []):
+      rows.append(dict(run=os.path.basename(d), setting=pt["setting"], bpp=pt["bpp"],
+                       psnr=pt["psnr"], ms_ssim=pt["ms_ssim"], lpips=pt["lpips"],
+                       saving_vs_static=per_setting.get(pt["setting"]),
+                       run_saving_vs_static=s["hyperprior_saving_vs_static"]))
+  fields = ["run", "setting", "bpp", "psnr", "ms_ssim", "lpips", "saving_vs_static",
+            "run_saving_vs_static"]
+  with open(os.path.join(workdir, "table.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    w.writerows(rows)
+  fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+  with open(os.path.join(workdir, "table.md"), "w") as f:
+    f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
+    for r in rows:
+      f.write("| " + " | ".join(fmt(r[k]) for k in fields) + " |\n")
+  return rows
+
+
+def main(argv):
+  import argparse
+  ap = argparse.ArgumentParser(prog="hvq sweep")
+  ap.add_argument("--config", required=True, help="config file (with get_config(NAME) for --variants)")
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--variants", default="", help="comma-separated names for get_config(NAME)")
+  ap.add_argument("--grid", default="", help="'field=v1,v2 other.field=a,b' (cartesian product)")
+  ap.add_argument("--print-only", action="store_true", help="print the commands, run nothing")
+  ap.add_argument("extra", nargs="*", help="more --config.field=value overrides for every run")
+  a = ap.parse_args(argv)
+  try:
+    runs = plan(a.config, a.workdir, split_top(a.variants), a.grid, a.extra)
+  except ValueError as e:
+    sys.exit(f"hvq sweep: {e}")
+  if a.print_only:
+    for _, t, e in runs:
+      print("hvq " + shlex.join(t))
+      print("hvq " + shlex.join(e))
+    return 0
+  os.makedirs(a.workdir, exist_ok=True)
+  failed = []
+  for i, (d, t, e) in enumerate(runs):
+    if os.path.isfile(os.path.join(d, "eval", "summary.json")):
+      print(f"[{i + 1}/{len(runs)}] {d}: done, skipped")
+      continue
+    print(f"[{i + 1}/{len(runs)}] {d}")
+    for argv_ in (t, e):
+      r = subprocess.run([sys.executable, "-m", "hvq_jax.cli"] + argv_)
+      if r.returncode:
+        failed.append(d)
+        print(f"hvq sweep: {d} failed ({argv_[0]}, exit {r.returncode})", file=sys.stderr)
+        break
+  rows = collect(a.workdir, [d for d, _, _ in runs])
+  done = [d for d, _, _ in runs if os.path.isfile(os.path.join(d, "eval", "summary.json"))]
+  if done:
+    from hvq_jax import plots
+    plots.rd_plots([os.path.join(d, "eval") for d in done], a.workdir, include_published=False)
+  print(f"wrote {a.workdir}/table.csv, table.md ({len(rows)} rows)")
+  return 1 if failed else 0
