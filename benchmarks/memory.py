@@ -52,8 +52,13 @@ def main():
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--size", type=int, default=256)
   ap.add_argument("--out", default="benchmarks/results")
+  ap.add_argument("--remat", action="store_true", help="rematerialise encoder/decoder ResBlocks")
+  ap.add_argument("--dtype", default=None, choices=(None, "float32", "bfloat16"))
   a = ap.parse_args()
   cfg = load_config(a.config)
+  cfg.model.remat = bool(a.remat)
+  if a.dtype:
+    cfg.model.dtype = a.dtype
   rows = {}
   for chunk in (cfg.model.rate_chunk, 0):
     cfg.model.rate_chunk = chunk
@@ -66,12 +71,14 @@ def main():
             f"(temp {rows[key]['temp_bytes'] / 2**30:.2f} GiB, compile {rows[key]['compile_s']} s)")
   k, d = cfg.model.codebook_size, cfg.model.strides[-1]
   fine_positions = a.batch * (a.size // d) ** 2
-  result = dict(config=a.config, batch=a.batch, size=a.size, backend=jax.default_backend(),
+  result = dict(config=a.config, batch=a.batch, size=a.size, remat=cfg.model.remat,
+                dtype=cfg.model.dtype, backend=jax.default_backend(),
                 device=str(jax.devices()[0]), fine_logit_block_bytes=fine_positions * k * 4,
                 results=rows)
   os.makedirs(a.out, exist_ok=True)
   name = os.path.splitext(os.path.basename(a.config))[0]
-  path = os.path.join(a.out, f"memory_{name}_b{a.batch}_{a.size}.json")
+  tag = ("_remat" if a.remat else "") + (f"_{a.dtype}" if a.dtype else "")
+  path = os.path.join(a.out, f"memory_{name}_b{a.batch}_{a.size}{tag}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=1)
   print("saved", path)

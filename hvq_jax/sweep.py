@@ -104,8 +104,11 @@ def main(argv):
   ap.add_argument("--variants", default="", help="comma-separated names for get_config(NAME)")
   ap.add_argument("--grid", default="", help="'field=v1,v2 other.field=a,b' (cartesian product)")
   ap.add_argument("--print-only", action="store_true", help="print the commands, run nothing")
-  ap.add_argument("extra", nargs="*", help="more --config.field=value overrides for every run")
-  a = ap.parse_args(argv)
+  a, extra = ap.parse_known_args(argv)   # --config.field=value overrides for every run
+  bad = [x for x in extra if not x.startswith("--config.")]
+  if bad:
+    ap.error(f"unrecognized arguments: {' '.join(bad)}")
+  a.extra = extra
   try:
     runs = plan(a.config, a.workdir, split_top(a.variants), a.grid, a.extra)
   except ValueError as e:
