@@ -276,8 +276,9 @@ def _import(argv):
         config.model = model_cfg
         config.rd.lmbda = rd["lmbda"]
         config.granularity.ratios = tuple(rd["ratios"])
-    config.loss.w_lpips = 0.0 if not a.config else config.loss.w_lpips
-    trainer = train.Trainer(config)
+    init_config = ml_collections.ConfigDict(config.to_dict())
+    init_config.loss.w_lpips = 0.0   # building params needs no LPIPS weights
+    trainer = train.Trainer(init_config)
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
     params = jax.device_get(state["params"])
     if a.taming:

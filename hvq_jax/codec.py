@@ -211,6 +211,14 @@ def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
                     model.log_priors[g], model.mix_logits[g])
 
 
+def encode_latents(model: CodecModel, img: np.ndarray, lmbda: float, ratios) -> dict:
+  """uint8 [H, W, 3] -> host numpy {gmap [1, hc, wc], indices {g}, z {g}} (padded input)."""
+  xp = _pad(np.asarray(img, np.uint8), model.cfg.strides[0])
+  x = jnp.asarray(xp[None], jnp.float32) / 127.5 - 1.0
+  return jax.device_get(_jitted(model.model, "encode_latents")(
+      model.params, x, jnp.full((1,), lmbda, jnp.float32), jnp.asarray(ratios, jnp.float32)))
+
+
 def _masks(gmap: np.ndarray, strides) -> Dict[str, np.ndarray]:
   return {g: np.asarray(m) for g, m in model_lib.sent_masks(jnp.asarray(gmap), strides).items()}
 
@@ -234,11 +242,8 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
     raise ValueError(f"lambda must be a positive number, got {lmbda}")
   strides = tuple(model.cfg.strides)
   h, w = img.shape[:2]
-  xp = _pad(img, strides[0])
-  x = jnp.asarray(xp[None], jnp.float32) / 127.5 - 1.0
   with _stage(timings, "model"):
-    lat = jax.device_get(_jitted(model.model, "encode_latents")(
-        model.params, x, jnp.full((1,), lmbda, jnp.float32), jnp.asarray(ratios, jnp.float32)))
+    lat = encode_latents(model, img, lmbda, ratios)
   gmap = np.asarray(lat["gmap"][0], np.int32)
   n = gmap.size
   counts = np.bincount(gmap.reshape(-1), minlength=3)

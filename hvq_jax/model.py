@@ -198,30 +198,26 @@ class HVQ(nn.Module):
     for g in GRANULARITIES:
       vq = self.codebooks[g](a["y"][g])
       idx = vq["indices"]
-      if not hyper_on:   # ablation: static learned histogram, no side information
-        m = masks[g].astype(jnp.float32)
-        bits[f"y_{g}"] = jnp.sum(rate.static_bits(self.hyper[g].log_prior(), idx) * m, axis=(1, 2))
-        cb_loss = cb_loss + vq["codebook_loss"] / 3
-        commit_loss = commit_loss + vq["commitment_loss"] / 3
-        q[g], indices[g] = vq["q"], idx
-        continue
-      hp = self.hyper[g](a["y"][g], training, zm.get(g))
-      per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
-                                y=None if c.rate_straight_through == "off" else vq["y"],
-                                chunk_size=c.rate_chunk or None,
-                                straight_through_mode=c.rate_straight_through,
-                                log_prior=self.hyper[g].log_prior(),
-                                mix_logit=self.hyper[g].mixture_logit())
       m = masks[g].astype(jnp.float32)
+      if hyper_on:
+        hp = self.hyper[g](a["y"][g], training, zm.get(g))
+        per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
+                                  y=None if c.rate_straight_through == "off" else vq["y"],
+                                  chunk_size=c.rate_chunk or None,
+                                  straight_through_mode=c.rate_straight_through,
+                                  log_prior=self.hyper[g].log_prior(),
+                                  mix_logit=self.hyper[g].mixture_logit())
+        # z of a branch is sent only when that granularity has a sent position (and with
+        # mask_z only where it has one).
+        any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
+        z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
+        mu_sigma[g] = (hp["mu"], hp["sigma"])
+      else:   # ablation: static learned histogram, no side information
+        per_pos = rate.static_bits(self.hyper[g].log_prior(), idx)
       bits[f"y_{g}"] = jnp.sum(per_pos * m, axis=(1, 2))
-      # z of a branch is sent only when that granularity has a sent position (and with
-      # mask_z only where it has one).
-      any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
-      z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
       cb_loss = cb_loss + vq["codebook_loss"] / 3
       commit_loss = commit_loss + vq["commitment_loss"] / 3
       q[g], indices[g] = vq["q"], idx
-      mu_sigma[g] = (hp["mu"], hp["sigma"])
     bits["z"] = z_bits
     bits["map"] = granularity.map_bits(gmap, ratios)
     total = sum(bits.values())

@@ -10,26 +10,20 @@ import heapq
 from typing import Dict, Iterable
 
 import numpy as np
-import jax
-import jax.numpy as jnp
 
 from hvq_jax.encoder import GRANULARITIES
 
 
 def fit_counts(cmodel, images: Iterable[np.ndarray], lmbda: float, ratios) -> Dict[str, np.ndarray]:
   """Index usage {g: int64 [K]} over the sent positions of `images` at one rate setting."""
-  from hvq_jax import codec, model as model_lib
+  from hvq_jax import codec
   k = cmodel.cfg.codebook_size
   counts = {g: np.zeros(k, np.int64) for g in GRANULARITIES}
-  strides = tuple(cmodel.cfg.strides)
   for img in images:
-    xp = codec._pad(np.asarray(img, np.uint8), strides[0])
-    x = jnp.asarray(xp[None], jnp.float32) / 127.5 - 1.0
-    lat = jax.device_get(codec._jitted(cmodel.model, "encode_latents")(
-        cmodel.params, x, jnp.full((1,), lmbda, jnp.float32), jnp.asarray(ratios, jnp.float32)))
-    masks = model_lib.sent_masks(jnp.asarray(lat["gmap"]), strides)
+    lat = codec.encode_latents(cmodel, img, lmbda, ratios)
+    masks = codec._masks(lat["gmap"], tuple(cmodel.cfg.strides))
     for g in GRANULARITIES:
-      sent = np.asarray(lat["indices"][g])[np.asarray(masks[g])]
+      sent = np.asarray(lat["indices"][g])[masks[g]]
       counts[g] += np.bincount(sent, minlength=k)
   return counts
 
