@@ -19,6 +19,8 @@ def model_config() -> ml_collections.ConfigDict:
       # Vector quantiser.
       codebook_size=1024, embed_dim=4, shared_codebook=True, l2_normalized=False,
       codebook_init_scale=0.0,             # U(-s, s); 0 means taming's s = 1/K
+      rvq_stages=1,                        # > 1: residual VQ, a hyperprior per stage (ablation)
+      rvq_init_scale=0.0,                  # residual codebooks' U(-s, s); 0: codebook_init_scale
       # Rate model.
       lambda_conditioning=True,
       rate_straight_through="scaled",      # exact | scaled | off (see rate.py)

@@ -101,14 +101,17 @@ class CodecModel:
     support = jnp.arange(-r, r + 1)
     # hyperprior.enabled=False is the static-histogram ablation: no z, one PMF per granularity
     self.hyper_on = bool(self.cfg.hyperprior.get("enabled", True))
-    self.z_tables = {g: np.asarray(jax.device_get(self._apply(
-        "z_likelihoods", g, support)), np.float64) for g in GRANULARITIES} if self.hyper_on else {}
-    self.codebooks = {g: np.asarray(jax.device_get(self._apply("codebook_entries", g)))
-                      for g in GRANULARITIES}
-    self.log_priors = {g: np.asarray(jax.device_get(self._apply("index_log_prior", g)))
-                       for g in GRANULARITIES}
-    self.mix_logits = {g: float(jax.device_get(self._apply("index_mixture_logit", g)))
-                       for g in GRANULARITIES}
+    # one index stream (and table set) per branch: granularity x residual stage
+    self.branches = model_lib.branches(self.cfg)
+    keys = [k for k, _, _ in self.branches]
+    self.z_tables = {k: np.asarray(jax.device_get(self._apply(
+        "z_likelihoods", k, support)), np.float64) for k in keys} if self.hyper_on else {}
+    self.codebooks = {k: np.asarray(jax.device_get(self._apply("codebook_entries", k)))
+                      for k in keys}
+    self.log_priors = {k: np.asarray(jax.device_get(self._apply("index_log_prior", k)))
+                       for k in keys}
+    self.mix_logits = {k: float(jax.device_get(self._apply("index_mixture_logit", k)))
+                       for k in keys}
     self.default_lmbda = float(config.rd.lmbda)
     self.default_ratios = tuple(float(v) for v in config.granularity.ratios)
 
@@ -177,7 +180,7 @@ def _pad(img: np.ndarray, m: int) -> np.ndarray:
 
 
 def _streams_for_z(model, g, z_hat, zmask):
-  """Symbols and PMFs of z_hat [1, h, w, C] at the sent z positions zmask [1, h, w]."""
+  """Symbols and PMFs of branch g's z_hat [1, h, w, C] at the sent z positions zmask [1, h, w]."""
   r = int(model.codec["z_range"])
   c = z_hat.shape[-1]
   symbols = (z_hat[zmask].reshape(-1) + r).astype(np.int32)
@@ -197,6 +200,7 @@ def _z_masks(model, masks, z_shapes):
 
 
 def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
+  """[n_sent, K] PMFs of branch g's indices at the sent positions `mask` [1, h, w]."""
   if not model.hyper_on:
     b = model.log_priors[g].astype(np.float64)
     p = np.exp(b - b.max())
@@ -212,7 +216,7 @@ def _index_probs(model, g, z_hat, grid_hw, mask, timings=None):
 
 
 def encode_latents(model: CodecModel, img: np.ndarray, lmbda: float, ratios) -> dict:
-  """uint8 [H, W, 3] -> host numpy {gmap [1, hc, wc], indices {g}, z {g}} (padded input)."""
+  """uint8 [H, W, 3] -> host numpy {gmap [1, hc, wc], indices {branch}, z {branch}} (padded input)."""
   xp = _pad(np.asarray(img, np.uint8), model.cfg.strides[0])
   x = jnp.asarray(xp[None], jnp.float32) / 127.5 - 1.0
   return jax.device_get(_jitted(model.model, "encode_latents")(
@@ -248,32 +252,32 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
   n = gmap.size
   counts = np.bincount(gmap.reshape(-1), minlength=3)
   streams = [(gmap.reshape(-1), np.tile(counts / n, (n, 1)))]
-  names = ["map"]
+  names = [("map", None)]   # (stats bucket, branch)
   r = int(model.codec["z_range"])
   masks = _masks(gmap[None], strides)
   zmasks = _z_masks(model, masks, {g: lat["z"][g].shape[:3] for g in lat["z"]})
   z_hats = {}
-  for gi, g in enumerate(GRANULARITIES):
-    if counts[gi] and model.hyper_on:
-      z_hats[g] = np.clip(np.round(lat["z"][g]), -r, r).astype(np.float32) * zmasks[g][..., None]
-      streams.append(_streams_for_z(model, g, z_hats[g], zmasks[g]))
-      names.append("z")
-  for gi, g in enumerate(GRANULARITIES):
-    if counts[gi]:
-      idx = np.asarray(lat["indices"][g])
-      probs = _index_probs(model, g, z_hats.get(g), idx.shape[1:3], masks[g], timings)
+  sent = lambda g: counts[GRANULARITIES.index(g)] > 0
+  for k, g, _ in model.branches:
+    if sent(g) and model.hyper_on:
+      z_hats[k] = np.clip(np.round(lat["z"][k]), -r, r).astype(np.float32) * zmasks[g][..., None]
+      streams.append(_streams_for_z(model, k, z_hats[k], zmasks[g]))
+      names.append(("z", k))
+  for k, g, _ in model.branches:
+    if sent(g):
+      idx = np.asarray(lat["indices"][k])
+      probs = _index_probs(model, k, z_hats.get(k), idx.shape[1:3], masks[g], timings)
       streams.append((idx.reshape(-1)[masks[g].reshape(-1)], probs))
-      names.append(f"y_{g}")
+      names.append((f"y_{g}", k))
   with _stage(timings, "range_coding"):
     payload = bitstream.encode_streams(streams)
   if stats is not None:
     bits = {k: 0.0 for k in ["map", "z"] + [f"y_{g}" for g in GRANULARITIES]}
-    for name, (sym, p) in zip(names, streams):
+    for (name, _), (sym, p) in zip(names, streams):
       # constriction gives every symbol at least 2^-24 (its leaky quantisation)
       bits[name] += float(-np.log2(np.maximum(p[np.arange(len(sym)), sym], 2.0 ** -24)).sum())
     stats["bits"] = bits
-    stats["indices"] = {g: s for name, (s, _) in zip(names, streams) for g in GRANULARITIES
-                        if name == f"y_{g}"}
+    stats["indices"] = {k: s for (name, k), (s, _) in zip(names, streams) if name.startswith("y_")}
     stats["counts"] = tuple(int(c) for c in counts)
   if timings is not None:
     timings["symbols"] = timings.get("symbols", 0) + sum(len(s[0]) for s in streams)
@@ -295,7 +299,7 @@ def decompress(model: CodecModel, data: bytes, timings: Optional[dict] = None) -
 
 
 def decode_indices(model: CodecModel, data: bytes, timings: Optional[dict] = None):
-  """Entropy-decode only: .hvq bytes -> (header, indices {g: int32 [1, h_g, w_g]} with 0
+  """Entropy-decode only: .hvq bytes -> (header, indices {branch: int32 [1, h_g, w_g]} with 0
   at unsent positions, granularity map int32 [1, hc, wc])."""
   header, payload = bitstream.unpack(data)
   if header.fingerprint != model.fingerprint:
@@ -323,26 +327,28 @@ def decode_indices(model: CodecModel, data: bytes, timings: Optional[dict] = Non
   zmasks = _z_masks(model, masks, {g: (1,) + _z_grid(hp // s, wp // s, model.cfg.hyperprior.num_down)
                                    for g, s in zip(GRANULARITIES, strides)})
   z_hats = {}
-  for gi, g in enumerate(GRANULARITIES):
-    if counts[gi] and model.hyper_on:
+  sent = lambda g: counts[GRANULARITIES.index(g)] > 0
+  for k, g, _ in model.branches:
+    if sent(g) and model.hyper_on:
       zm = zmasks[g]
       channel = np.tile(np.arange(c), int(zm.sum()))
       with _stage(timings, "range_coding"):
-        sym = dec.decode(model.z_tables[g][channel])
+        sym = dec.decode(model.z_tables[k][channel])
       z = np.zeros(zm.shape + (c,), np.float32)
       z[zm] = (sym.astype(np.float32) - r).reshape(-1, c)
-      z_hats[g] = z
+      z_hats[k] = z
   indices = {}
-  for gi, (g, s) in enumerate(zip(GRANULARITIES, strides)):
-    grid = (hp // s, wp // s)
+  stride = dict(zip(GRANULARITIES, strides))
+  for k, g, _ in model.branches:
+    grid = (hp // stride[g], wp // stride[g])
     idx = np.zeros((1,) + grid, np.int32)
-    if counts[gi]:
-      probs = _index_probs(model, g, z_hats.get(g), grid, masks[g], timings)
+    if sent(g):
+      probs = _index_probs(model, k, z_hats.get(k), grid, masks[g], timings)
       flat = idx.reshape(-1)
       with _stage(timings, "range_coding"):
         flat[masks[g].reshape(-1)] = dec.decode(probs)
       idx = flat.reshape(idx.shape)
-    indices[g] = idx
+    indices[k] = idx
   return header, indices, gmap
 
 

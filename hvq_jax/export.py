@@ -106,7 +106,6 @@ def export_stablehlo(cmodel, out_dir: str, height: int, width: int) -> Dict[str,
   import os
   import jax.numpy as jnp
   from hvq_jax import model as model_lib
-  from hvq_jax.encoder import GRANULARITIES
   m = cmodel.cfg.strides[0]
   if height % m or width % m:
     raise ExportError(f"StableHLO export size {height}x{width} must be a multiple of the "
@@ -117,20 +116,21 @@ def export_stablehlo(cmodel, out_dir: str, height: int, width: int) -> Dict[str,
   def encode(x_uint8, lmbda, ratios):
     x = x_uint8.astype(jnp.float32) / 127.5 - 1.0
     lat = mdl.apply({"params": params}, x, lmbda, ratios, method=model_lib.HVQ.encode_latents)
-    return lat["gmap"], tuple(lat["indices"][g] for g in GRANULARITIES)
+    return lat["gmap"], tuple(lat["indices"][k] for k in keys)
 
-  def decode(gmap, idx_c, idx_m, idx_f):
-    idx = dict(zip(GRANULARITIES, (idx_c, idx_m, idx_f)))
+  def decode(gmap, *idx):   # one index grid per branch, in model.branches order
+    idx = dict(zip(keys, idx))
     x = mdl.apply({"params": params}, idx, gmap, (height, width), method=model_lib.HVQ.decode_latents)
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
-  s = tuple(cmodel.cfg.strides)
-  grids = [(height // k, width // k) for k in s]
+  keys = [k for k, _, _ in model_lib.branches(cmodel.cfg)]
+  stride = dict(zip(("coarse", "medium", "fine"), cmodel.cfg.strides))
+  grids = [(height // stride[g], width // stride[g]) for _, g, _ in model_lib.branches(cmodel.cfg)]
   enc = jax.export.export(jax.jit(encode))(
       jax.ShapeDtypeStruct((1, height, width, 3), jnp.uint8),
       jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32))
   dec = jax.export.export(jax.jit(decode))(
-      jax.ShapeDtypeStruct((1,) + grids[0], jnp.int32),
+      jax.ShapeDtypeStruct((1, height // stride["coarse"], width // stride["coarse"]), jnp.int32),
       *[jax.ShapeDtypeStruct((1,) + g, jnp.int32) for g in grids])
   os.makedirs(out_dir, exist_ok=True)
   paths = {}

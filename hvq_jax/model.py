@@ -1,5 +1,13 @@
-"""HVQ-CGIC: multi-granularity VQGAN whose indices are priced by per-granularity hyperpriors."""
-from typing import Any, Dict
+"""HVQ-CGIC: multi-granularity VQGAN whose indices are priced by per-granularity hyperpriors.
+
+Residual VQ (config `model.rvq_stages` = N > 1, an ablation tokenizer): each granularity's
+y is quantised by N codebooks in turn, stage s quantising what stages < s left; the
+decoder sees the sum of the N entries, and every stage's indices are a separate stream
+priced by their own hyperprior branch (or static histogram). A "branch" below is one
+(granularity, stage) index stream; stage 0 keeps the plain granularity name, so a
+1-stage model has exactly the parameters and streams of the paper's model.
+"""
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"coarse stride {strides[0]} must be 2^(len(ch_mult)-1) = {2 ** (levels - 1)}")
   need(len(cfg.dec_ch_mult) == levels, "dec_ch_mult must have as many levels as ch_mult")
   need(cfg.codebook_size >= 2, f"codebook_size must be >= 2, got {cfg.codebook_size}")
+  stages = cfg.get("rvq_stages", 1)
+  need(isinstance(stages, int) and stages >= 1, f"rvq_stages must be an integer >= 1, got {stages!r}")
+  need(cfg.get("rvq_init_scale", 0.0) >= 0, "rvq_init_scale must be >= 0")
   need(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
   for name, ch, mult in (("ch", cfg.ch, cfg.ch_mult), ("dec_ch", cfg.dec_ch, cfg.dec_ch_mult)):
     for m in mult:
@@ -47,6 +58,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(cfg.rate_straight_through in ("exact", "scaled", "off"),
        f"rate_straight_through must be 'exact', 'scaled' or 'off', got {cfg.rate_straight_through!r}")
   need(cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {cfg.dtype}")
+
+
+def branches(cfg) -> Tuple[Tuple[str, str, int], ...]:
+  """(key, granularity, stage) of every index stream, in bitstream order: stage 0 is
+  keyed by the granularity's name, residual stage s >= 1 by f"{g}_s{s}"."""
+  n = int(cfg.get("rvq_stages", 1))
+  return tuple((g if s == 0 else f"{g}_s{s}", g, s) for g in GRANULARITIES for s in range(n))
 
 
 def check_ratios(ratios) -> None:
@@ -99,24 +117,42 @@ class HVQ(nn.Module):
     self.decoder = Decoder(c.dec_ch, tuple(c.dec_ch_mult), c.dec_num_res_blocks,
                            tuple(c.dec_attn_strides), c.norm_groups, 3, dtype,
                            c.get("remat", False))
-    if c.shared_codebook:
-      cb = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized, c.codebook_init_scale,
-                    name="codebook")
-      self.codebooks = {g: cb for g in GRANULARITIES}
+    stages = int(c.get("rvq_stages", 1))
+    # Residual stages quantise residuals: small vectors off the unit sphere, so their
+    # codebooks are never normalised and start at the residual scale (rvq_init_scale).
+    res_scale = float(c.get("rvq_init_scale", 0.0)) or c.codebook_init_scale
+    make_cb = lambda s, name: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized and s == 0,
+                                       c.codebook_init_scale if s == 0 else res_scale, name=name)
+    if c.shared_codebook:   # shared across granularities; one codebook per stage
+      shared = [make_cb(s, "codebook" if s == 0 else f"codebook_s{s}") for s in range(stages)]
+      self.codebooks = {k: shared[s] for k, _, s in branches(c)}
     else:
-      self.codebooks = {g: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized,
-                                    c.codebook_init_scale, name=f"codebook_{g}") for g in GRANULARITIES}
+      self.codebooks = {k: make_cb(s, f"codebook_{k}") for k, _, s in branches(c)}
     h = c.hyperprior
     if not h.get("enabled", True):
-      self.hyper = {g: StaticIndexPrior(c.codebook_size, float(h.get("index_bias_scale", 1.0)),
-                                        name=f"static_{g}") for g in GRANULARITIES}
+      self.hyper = {k: StaticIndexPrior(c.codebook_size, float(h.get("index_bias_scale", 1.0)),
+                                        name=f"static_{k}") for k, _, _ in branches(c)}
       return
     bias_k = c.codebook_size if h.get("index_bias", False) else 0
-    self.hyper = {g: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
+    self.hyper = {k: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
                                  h.sigma_min, h.sigma_max, dtype, bias_k,
                                  float(h.get("index_bias_scale", 1.0)),
-                                 bool(h.get("index_mixture", False)), name=f"hyper_{g}")
-                  for g in GRANULARITIES}
+                                 bool(h.get("index_mixture", False)), name=f"hyper_{k}")
+                  for k, _, _ in branches(c)}
+
+  def quantize(self, g: str, y: jax.Array) -> List[Tuple[str, jax.Array, Dict[str, Any]]]:
+    """y [B, h, w, D] of granularity g -> [(branch key, the vector that stage quantised,
+    its Codebook output)] per stage. The residual passed on is stop-gradient'ed in q
+    (SoundStream / vector-quantize-pytorch), so each stage's codebook loss moves only
+    its own entries."""
+    out, v = [], y
+    for k, gk, _ in branches(self.cfg):
+      if gk != g:
+        continue
+      vq = self.codebooks[k](v)
+      out.append((k, v, vq))
+      v = vq["y"] - jax.lax.stop_gradient(vq["q_exact"])
+    return out
 
   # ---- pieces the codec calls one at a time -------------------------------------------
   def analyze(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
@@ -126,8 +162,9 @@ class HVQ(nn.Module):
                                        self.cfg.granularity_bins)
     return dict(y=y, gmap=gmap)
 
+  # Methods taking `g` take a branch key (model.branches); stage 0's key is the granularity.
   def prior(self, g: str, z_hat: jax.Array, grid_hw) -> tuple:
-    """(mu, sigma) of granularity g from its z_hat."""
+    """(mu, sigma) of branch g from its z_hat."""
     return self.hyper[g].synthesis(z_hat, grid_hw)
 
   def codebook_entries(self, g: str) -> jax.Array:
@@ -144,11 +181,15 @@ class HVQ(nn.Module):
     return jnp.asarray(-jnp.inf, jnp.float32) if m is None else m
 
   def encode_latents(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
-    """Padded x -> map, indices {g: [B, h_g, w_g]} and continuous z {g: [B, ., ., C_z]}."""
+    """Padded x -> map, indices {branch: [B, h_g, w_g]} and continuous z {branch: [B, ., ., C_z]}."""
     a = self.analyze(x, lmbda, ratios)
-    idx = {g: self.codebooks[g](a["y"][g])["indices"] for g in GRANULARITIES}
-    z = ({g: self.hyper[g].analysis(a["y"][g]) for g in GRANULARITIES}
-         if self.cfg.hyperprior.get("enabled", True) else {})
+    hyper_on = self.cfg.hyperprior.get("enabled", True)
+    idx, z = {}, {}
+    for g in GRANULARITIES:
+      for k, v, vq in self.quantize(g, a["y"][g]):
+        idx[k] = vq["indices"]
+        if hyper_on:
+          z[k] = self.hyper[k].analysis(v)
     return dict(gmap=a["gmap"], indices=idx, z=z)
 
   def z_likelihoods(self, g: str, support: jax.Array) -> jax.Array:
@@ -158,8 +199,10 @@ class HVQ(nn.Module):
     return self.hyper[g].bottleneck.likelihood(grid).T
 
   def decode_latents(self, indices: Dict[str, jax.Array], gmap: jax.Array, out_hw) -> jax.Array:
-    """Indices + map -> image [B, H, W, 3] in [-1, 1] at the padded size `out_hw`."""
-    q = {g: jnp.take(self.codebooks[g].entries(), indices[g], axis=0) for g in GRANULARITIES}
+    """Indices {branch} + map -> image [B, H, W, 3] in [-1, 1] at the padded size `out_hw`."""
+    q = {g: 0.0 for g in GRANULARITIES}
+    for k, g, _ in branches(self.cfg):   # residual stages add up
+      q[g] = q[g] + jnp.take(self.codebooks[k].entries(), indices[k], axis=0)
     return self.synthesize(q, gmap, out_hw)
 
   def synthesize(self, q: Dict[str, jax.Array], gmap: jax.Array, out_hw) -> jax.Array:
@@ -181,7 +224,8 @@ class HVQ(nn.Module):
                training: bool = False) -> Dict[str, Any]:
     """x [B, H, W, 3] in [-1, 1] (any H, W); lmbda [B]; ratios [3] (coarse, medium, fine).
 
-    Returns recon [B, H, W, 3] f32, indices/masks {g: [B, h_g, w_g]}, gmap [B, hc, wc],
+    Returns recon [B, H, W, 3] f32, indices {branch: [B, h_g, w_g]}, masks {g: same},
+    gmap [B, hc, wc],
     bits {y_coarse, y_medium, y_fine, z, map} each [B], bpp [B], VQ losses, usage.
     """
     c = self.cfg
@@ -196,28 +240,34 @@ class HVQ(nn.Module):
     zm = z_masks(masks, c.hyperprior.num_down) if c.hyperprior.get("mask_z", False) else {}
     hyper_on = c.hyperprior.get("enabled", True)
     for g in GRANULARITIES:
-      vq = self.codebooks[g](a["y"][g])
-      idx = vq["indices"]
       m = masks[g].astype(jnp.float32)
-      if hyper_on:
-        hp = self.hyper[g](a["y"][g], training, zm.get(g))
-        per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[g].entries(), idx,
-                                  y=None if c.rate_straight_through == "off" else vq["y"],
-                                  chunk_size=c.rate_chunk or None,
-                                  straight_through_mode=c.rate_straight_through,
-                                  log_prior=self.hyper[g].log_prior(),
-                                  mix_logit=self.hyper[g].mixture_logit())
-        # z of a branch is sent only when that granularity has a sent position (and with
-        # mask_z only where it has one).
-        any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
-        z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
-        mu_sigma[g] = (hp["mu"], hp["sigma"])
-      else:   # ablation: static learned histogram, no side information
-        per_pos = rate.static_bits(self.hyper[g].log_prior(), idx)
-      bits[f"y_{g}"] = jnp.sum(per_pos * m, axis=(1, 2))
-      cb_loss = cb_loss + vq["codebook_loss"] / 3
-      commit_loss = commit_loss + vq["commitment_loss"] / 3
-      q[g], indices[g] = vq["q"], idx
+      any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
+      stages = self.quantize(g, a["y"][g])
+      bits[f"y_{g}"] = jnp.zeros((b,), jnp.float32)
+      for k, v, vq in stages:
+        idx = vq["indices"]
+        if hyper_on:
+          hp = self.hyper[k](v, training, zm.get(g))
+          per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[k].entries(), idx,
+                                    y=None if c.rate_straight_through == "off" else vq["y"],
+                                    chunk_size=c.rate_chunk or None,
+                                    straight_through_mode=c.rate_straight_through,
+                                    log_prior=self.hyper[k].log_prior(),
+                                    mix_logit=self.hyper[k].mixture_logit())
+          # z of a branch is sent only when that granularity has a sent position (and
+          # with mask_z only where it has one).
+          z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
+          mu_sigma[k] = (hp["mu"], hp["sigma"])
+        else:   # ablation: static learned histogram, no side information
+          per_pos = rate.static_bits(self.hyper[k].log_prior(), idx)
+        bits[f"y_{g}"] = bits[f"y_{g}"] + jnp.sum(per_pos * m, axis=(1, 2))
+        cb_loss = cb_loss + vq["codebook_loss"] / 3
+        commit_loss = commit_loss + vq["commitment_loss"] / 3
+        indices[k] = idx
+      # the decoder sees the sum of the stages' entries, straight-through to y
+      y_in = stages[0][2]["y"]
+      q_sum = sum(vq["q_exact"] for _, _, vq in stages)
+      q[g] = y_in + jax.lax.stop_gradient(q_sum - y_in)
     bits["z"] = z_bits
     bits["map"] = granularity.map_bits(gmap, ratios)
     total = sum(bits.values())

@@ -11,20 +11,20 @@ from typing import Dict, Iterable
 
 import numpy as np
 
-from hvq_jax.encoder import GRANULARITIES
 
 
 def fit_counts(cmodel, images: Iterable[np.ndarray], lmbda: float, ratios) -> Dict[str, np.ndarray]:
-  """Index usage {g: int64 [K]} over the sent positions of `images` at one rate setting."""
+  """Index usage {branch: int64 [K]} over the sent positions of `images` at one rate
+  setting (a branch is a granularity, or one residual stage of it)."""
   from hvq_jax import codec
   k = cmodel.cfg.codebook_size
-  counts = {g: np.zeros(k, np.int64) for g in GRANULARITIES}
+  counts = {b: np.zeros(k, np.int64) for b, _, _ in cmodel.branches}
   for img in images:
     lat = codec.encode_latents(cmodel, img, lmbda, ratios)
     masks = codec._masks(lat["gmap"], tuple(cmodel.cfg.strides))
-    for g in GRANULARITIES:
-      sent = np.asarray(lat["indices"][g])[masks[g]]
-      counts[g] += np.bincount(sent, minlength=k)
+    for b, g, _ in cmodel.branches:
+      sent = np.asarray(lat["indices"][b])[masks[g]]
+      counts[b] += np.bincount(sent, minlength=k)
   return counts
 
 
@@ -58,7 +58,7 @@ def huffman_lengths(counts: np.ndarray) -> np.ndarray:
 
 
 def price(indices: Dict[str, np.ndarray], counts: Dict[str, np.ndarray]) -> Dict[str, float]:
-  """Bits of the sent indices {g: int [n_g]} under the static code: ideal and Huffman."""
+  """Bits of the sent indices {branch: int [n]} under the static code: ideal and Huffman."""
   ideal = huff = 0.0
   for g, idx in indices.items():
     if len(idx):

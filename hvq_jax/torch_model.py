@@ -281,12 +281,14 @@ class Codebook(nn.Module):
     e = self.embedding
     return e / torch.sqrt((e * e).sum(-1, keepdim=True) + 1e-6) if self.l2 else e
 
+  def normalize(self, y):
+    """y [B, D, h, w] as this codebook compares it (unit vectors when l2-normalised)."""
+    return y / torch.sqrt((y * y).sum(1, keepdim=True) + 1e-6) if self.l2 else y
+
   def forward(self, y):
     """y [B, D, h, w] -> indices [B, h, w] (nearest entry, same formula as JAX)."""
     e = self.entries()
-    y = y.permute(0, 2, 3, 1)
-    if self.l2:
-      y = y / torch.sqrt((y * y).sum(-1, keepdim=True) + 1e-6)
+    y = self.normalize(y).permute(0, 2, 3, 1)
     d = (y * y).sum(-1, keepdim=True) - 2 * y @ e.T + (e * e).sum(-1)
     return d.argmin(-1)
 
@@ -362,6 +364,17 @@ class HyperBranch(nn.Module):
     return None if self.index_bias is None else self.bias_scale * self.index_bias
 
 
+class StaticIndexPrior(nn.Module):
+  """The hyperprior-off ablation: one learned histogram of indices per branch."""
+  def __init__(self, c):
+    super().__init__()
+    self.index_bias = nn.Parameter(torch.zeros(c.codebook_size))
+    self.bias_scale = float(c.hyperprior.get("index_bias_scale", 1.0))
+
+  def log_prior(self):
+    return self.bias_scale * self.index_bias
+
+
 def index_log_probs(mu, sigma, codebook, log_prior=None, mix_logit=None):
   """mu, sigma [..., D], codebook [K, D] -> log p [..., K] (the JAX rate.py formula)."""
   diff = (codebook - mu[..., None, :]) / sigma[..., None, :]
@@ -415,16 +428,29 @@ class HVQ(nn.Module):
     self.default_lmbda, self.default_ratios = float(lmbda), tuple(float(r) for r in ratios)
     self.encoder = Encoder(c)
     self.decoder = Decoder(c)
-    if c.shared_codebook:
-      self.codebook = Codebook(c.codebook_size, c.embed_dim, c.l2_normalized)
-    else:
-      for g in GRANULARITIES:
-        setattr(self, f"codebook_{g}", Codebook(c.codebook_size, c.embed_dim, c.l2_normalized))
-    for g in GRANULARITIES:
-      setattr(self, f"hyper_{g}", HyperBranch(c))
+    self.stages = int(c.get("rvq_stages", 1))
+    self.hyper_on = bool(c.hyperprior.get("enabled", True))
+    # Same branch keys and module names as hvq_jax.model (stage 0: the granularity's
+    # name; residual stage s: f"{g}_s{s}", never l2-normalised).
+    self.branches = [(g if s == 0 else f"{g}_s{s}", g, s)
+                     for g in GRANULARITIES for s in range(self.stages)]
+    for k, g, st in self.branches:
+      l2 = c.l2_normalized and st == 0
+      if not c.shared_codebook:
+        setattr(self, f"codebook_{k}", Codebook(c.codebook_size, c.embed_dim, l2))
+      elif g == GRANULARITIES[0]:
+        setattr(self, "codebook" if st == 0 else f"codebook_s{st}",
+                Codebook(c.codebook_size, c.embed_dim, l2))
+      if self.hyper_on:
+        setattr(self, f"hyper_{k}", HyperBranch(c))
+      else:
+        setattr(self, f"static_{k}", StaticIndexPrior(c))
 
-  def codebooks(self, g):
-    return self.codebook if self.cfg.shared_codebook else getattr(self, f"codebook_{g}")
+  def codebooks(self, k):
+    if not self.cfg.shared_codebook:
+      return getattr(self, f"codebook_{k}")
+    st = dict((b, s) for b, _, s in self.branches)[k]
+    return self.codebook if st == 0 else getattr(self, f"codebook_s{st}")
 
   @torch.no_grad()
   def forward(self, x, lmbda: Optional[float] = None, ratios: Optional[Sequence[float]] = None):
@@ -444,28 +470,40 @@ class HVQ(nn.Module):
     for gi, (g, st) in enumerate(zip(GRANULARITIES, s)):
       f = s[0] // st
       m = (gmap == gi).repeat_interleave(f, 1).repeat_interleave(f, 2)
-      cb = self.codebooks(g)
-      idx = cb(y[g])
-      e = cb.entries()
-      hb = getattr(self, f"hyper_{g}")
-      z_hat = torch.round(hb.analysis(y[g]))
-      if c.hyperprior.get("mask_z", False):
-        fz = 2 ** nd
-        mp = F.pad(m.float(), (0, (-m.shape[2]) % fz, 0, (-m.shape[1]) % fz))
-        zm = F.max_pool2d(mp[:, None], fz)[:, 0] > 0
-        z_hat = z_hat * zm[:, None].float()
-      else:
-        zm = torch.ones(z_hat.shape[0], *z_hat.shape[2:], dtype=torch.bool)
-      zb = -torch.log2(hb.bottleneck.likelihood(z_hat)) * zm[:, None].float()
       any_sent = (m.flatten(1).sum(1) > 0).float()
-      z_bits = z_bits + zb.flatten(1).sum(1) * any_sent
-      mu, sigma = hb.synthesis(z_hat, idx.shape[1:])
-      lp = index_log_probs(mu.permute(0, 2, 3, 1), sigma.permute(0, 2, 3, 1), e,
-                           hb.log_prior(), hb.mix_logit)
-      per = -torch.gather(lp, -1, idx[..., None])[..., 0] / math.log(2.0)
-      bits[f"y_{g}"] = (per * m.float()).flatten(1).sum(1)
-      indices[g], masks[g] = idx, m
-      q[g] = e[idx] * m[..., None].float()
+      v = y[g]                                   # [B, D, h, w]: what the next stage quantises
+      q[g], bits[f"y_{g}"], masks[g] = 0.0, torch.zeros(b), m
+      for k, gk, _ in self.branches:
+        if gk != g:
+          continue
+        cb = self.codebooks(k)
+        idx = cb(v)
+        e = cb.entries()
+        if self.hyper_on:
+          hb = getattr(self, f"hyper_{k}")
+          z_hat = torch.round(hb.analysis(v))
+          if c.hyperprior.get("mask_z", False):
+            fz = 2 ** nd
+            mp = F.pad(m.float(), (0, (-m.shape[2]) % fz, 0, (-m.shape[1]) % fz))
+            zm = F.max_pool2d(mp[:, None], fz)[:, 0] > 0
+            z_hat = z_hat * zm[:, None].float()
+          else:
+            zm = torch.ones(z_hat.shape[0], *z_hat.shape[2:], dtype=torch.bool)
+          zb = -torch.log2(hb.bottleneck.likelihood(z_hat)) * zm[:, None].float()
+          z_bits = z_bits + zb.flatten(1).sum(1) * any_sent
+          mu, sigma = hb.synthesis(z_hat, idx.shape[1:])
+          lp = index_log_probs(mu.permute(0, 2, 3, 1), sigma.permute(0, 2, 3, 1), e,
+                               hb.log_prior(), hb.mix_logit)
+        else:
+          lp = torch.log_softmax(getattr(self, f"static_{k}").log_prior(), 0).expand(
+              *idx.shape, -1)
+        per = -torch.gather(lp, -1, idx[..., None])[..., 0] / math.log(2.0)
+        bits[f"y_{g}"] = bits[f"y_{g}"] + (per * m.float()).flatten(1).sum(1)
+        indices[k] = idx
+        q[g] = q[g] + e[idx]
+        vin = cb.normalize(v)                   # the residual left for the next stage
+        v = vin - e[idx].permute(0, 3, 1, 2)
+      q[g] = q[g] * m[..., None].float()
     bits["z"] = z_bits
     counts = class_counts(gmap[0].numel(), ratios).float()
     p = counts[gmap.reshape(b, -1)] / gmap[0].numel()

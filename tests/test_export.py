@@ -62,6 +62,40 @@ def test_torch_model_matches_jax(micro_codec, exported, name, crop):
   np.testing.assert_allclose(out["bpp"].numpy(), ref["bpp"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["residual_vq", "hyperprior_off", "residual_vq_hyperprior_off"])
+def test_torch_model_matches_jax_on_ablation_tokenizers(variant, tmp_path):
+  """Residual VQ (codebook per stage, residual off the sphere) and the static-histogram
+  prior: same branch keys, indices and bits in PyTorch."""
+  from configs import ablations
+  from hvq_jax import model as model_lib
+  from hvq_jax.torch_model import from_safetensors
+  c = ablations.get_config(variant)
+  m = c.model
+  m.ch, m.dec_ch, m.norm_groups, m.codebook_size = 16, 16, 4, 64
+  m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
+  mdl = model_lib.build(m)
+  params = model_lib.init_params(mdl, jax.random.PRNGKey(0))
+  # a non-trivial static histogram, so its bits are not all log2 K
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.05 * jnp.sin(jnp.arange(v.size, dtype=v.dtype)).reshape(v.shape)
+      if "index_bias" in jax.tree_util.keystr(p) else v, params)
+  path = str(tmp_path / "m.safetensors")
+  export.save_torch(params, c, path)
+  net = from_safetensors(path)
+  x = images.bundled_photo("rocket")[:48, :80].astype(np.float32)[None] / 127.5 - 1.0
+  ref = jax.device_get(mdl.apply({"params": params}, jnp.asarray(x), jnp.full((1,), 0.2),
+                                 jnp.asarray([0.2, 0.3, 0.5], jnp.float32)))
+  out = net(torch.from_numpy(x).permute(0, 3, 1, 2), 0.2, (0.2, 0.3, 0.5))
+  assert sorted(out["indices"]) == sorted(ref["indices"])
+  assert len(ref["indices"]) == 3 * m.get("rvq_stages", 1)
+  for k, v in ref["indices"].items():
+    np.testing.assert_array_equal(out["indices"][k].numpy(), v, err_msg=k)
+  scale = np.abs(ref["recon"]).max()
+  assert np.abs(out["recon"].permute(0, 2, 3, 1).numpy() - ref["recon"]).max() <= 1e-4 * scale
+  for k, v in ref["bits"].items():
+    np.testing.assert_allclose(out["bits"][k].numpy(), v, rtol=1e-4, atol=1e-3, err_msg=k)
+
+
 def test_import_round_trip_identical(micro_codec, exported, tmp_path):
   r = _cli("import", "--from", "torch", "--checkpoint", exported, "--out", str(tmp_path / "imp"))
   assert r.returncode == 0, r.stderr
