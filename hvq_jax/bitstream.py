@@ -12,8 +12,10 @@ Layout (little-endian):
   crc32    u32                                 over everything above
 
 The payload holds, in order: the granularity map (one symbol per coarse patch, class
-frequencies = counts), z_hat of each granularity that has sent positions (factorized
-prior tables), and the VQ indices of sent positions (per-position hyperprior PMFs).
+frequencies = counts), z_hat of each branch whose granularity has sent positions
+(factorized prior tables), and the VQ indices of sent positions (per-position hyperprior
+PMFs), branch by branch. A branch is a granularity, or with residual VQ one stage of it
+(coarse, coarse_s1, ..., fine_s1: `model.branches`); the model fingerprint fixes which.
 """
 import struct
 import zlib

@@ -3,7 +3,7 @@
     from hvq_jax.torch_model import from_safetensors
     net = from_safetensors("model.safetensors")          # nn.Module, eval mode
     out = net(x)          # x: [B, 3, H, W] float in [-1, 1] (any H, W)
-    out["recon"], out["indices"], out["bits"], out["bpp"]
+    out["recon"], out["indices"], out["bits"], out["bpp"]   # indices keyed by branch (model.branches)
 
 Every layer mirrors the flax module of the same name (state_dict keys = export keys),
 including the numerics that matter for parity: GroupNorm eps 1e-6, tanh-GELU in the

@@ -95,6 +95,44 @@ def test_bad_config_is_named():
   cfg.model.ch = 15
   with pytest.raises(model_lib.ConfigError, match="norm_groups"):
     model_lib.build(cfg.model)
+  cfg = micro_config()
+  cfg.model.rvq_stages = 0
+  with pytest.raises(model_lib.ConfigError, match="rvq_stages"):
+    model_lib.build(cfg.model)
+
+
+def test_residual_stages_learn_and_add_up():
+  """Residual VQ: every stage's codebook and hyperprior gets a gradient, stage 1's bits
+  are part of y's, and the decoder input is the sum of the two entries."""
+  from tests.conftest import micro_config
+  cfg = micro_config()
+  cfg.model.rvq_stages = 2
+  model = model_lib.build(cfg.model)
+  params = model_lib.init_params(model, jax.random.PRNGKey(0))
+  assert {"codebook", "codebook_s1", "hyper_fine", "hyper_fine_s1"} <= set(params)
+  x = jax.random.uniform(jax.random.PRNGKey(5), (1, 64, 64, 3), minval=-1, maxval=1)
+
+  def loss(p):
+    out = _apply(model, p, x, (0.0, 0.0, 1.0), training=True)
+    return jnp.mean(out["bpp"]) + out["codebook_loss"], out
+
+  grads, out = jax.jit(jax.grad(loss, has_aux=True))(params)
+  for part in ("codebook_s1", "hyper_fine_s1"):
+    assert sum(float(jnp.linalg.norm(v)) for v in jax.tree.leaves(grads[part])) > 0, part
+  assert set(out["indices"]) == {"coarse", "coarse_s1", "medium", "medium_s1", "fine", "fine_s1"}
+  # ratios (0, 0, 1): only fine is sent; its decoder input is e0[i0] + e1[i1] (numpy)
+  e0 = np.asarray(params["codebook"]["embedding"], np.float64)
+  e0 = e0 / np.sqrt((e0 * e0).sum(-1, keepdims=True) + 1e-6)
+  e1 = np.asarray(params["codebook_s1"]["embedding"], np.float64)
+  q = e0[np.asarray(out["indices"]["fine"])] + e1[np.asarray(out["indices"]["fine_s1"])]
+  rec = model.apply({"params": params}, out["indices"], out["gmap"], (64, 64),
+                    method=model_lib.HVQ.decode_latents)
+  zeros = lambda g: jnp.zeros(out["indices"][g].shape + (q.shape[-1],))
+  rec_np = model.apply({"params": params}, {"coarse": zeros("coarse"), "medium": zeros("medium"),
+                                            "fine": jnp.asarray(q, jnp.float32)},
+                       out["gmap"], (64, 64), method=model_lib.HVQ.synthesize)
+  np.testing.assert_allclose(np.asarray(rec), np.asarray(out["recon"]), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(rec_np), np.asarray(out["recon"]), atol=1e-4)
 
 
 def test_z_masks_cover_sent_blocks():
