@@ -234,8 +234,9 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
   """uint8 image [H, W] / [H, W, 3|4] -> .hvq bytes. With `target_bpp`, the rate
   settings are searched (see `search_rate`) and `lmbda`/`ratios` are starting points.
   `timings`, if given, receives seconds per stage (model, pmf, range_coding); `stats`
-  receives each stream's ideal code length in bits (`bits`: map, z, y_coarse, ...) and
-  the sent indices {g: int32 [n_g]} (`indices`), for evaluation."""
+  receives each stream's ideal code length in bits (`bits`: map, z, y_coarse, ...), the
+  same per branch (`branch_bits`: {branch: {y, z, n}}) and the sent indices
+  {branch: int32 [n]} (`indices`), for evaluation."""
   img = _prepare(model, image)
   if target_bpp is not None:
     return search_rate(model, img, target_bpp, ratios)[0]
@@ -273,10 +274,17 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
     payload = bitstream.encode_streams(streams)
   if stats is not None:
     bits = {k: 0.0 for k in ["map", "z"] + [f"y_{g}" for g in GRANULARITIES]}
-    for (name, _), (sym, p) in zip(names, streams):
+    per_branch = {}
+    for (name, k), (sym, p) in zip(names, streams):
       # constriction gives every symbol at least 2^-24 (its leaky quantisation)
-      bits[name] += float(-np.log2(np.maximum(p[np.arange(len(sym)), sym], 2.0 ** -24)).sum())
+      b = float(-np.log2(np.maximum(p[np.arange(len(sym)), sym], 2.0 ** -24)).sum())
+      bits[name] += b
+      if k is not None:
+        d = per_branch.setdefault(k, dict(y=0.0, z=0.0, n=0))
+        d["z" if name == "z" else "y"] += b
+        d["n"] += 0 if name == "z" else len(sym)
     stats["bits"] = bits
+    stats["branch_bits"] = per_branch
     stats["indices"] = {k: s for (name, k), (s, _) in zip(names, streams) if name.startswith("y_")}
     stats["counts"] = tuple(int(c) for c in counts)
   if timings is not None:

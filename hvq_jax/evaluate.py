@@ -100,6 +100,7 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
   hists = {s["name"]: static_prior.fit_counts(cmodel, fit_images.values(), s["lmbda"], s["ratios"])
            for s in tqdm(settings, desc="fit static histograms", disable=not progress)}
   todo = [(n, s) for n in images for s in settings]
+  branch_bits = {}    # branch -> [hyperprior y bits, z bits, static bits, indices]
   for name, s in tqdm(todo, desc="hvq", disable=not progress):
     img = images[name]
     hw = img.shape[0] * img.shape[1]
@@ -111,6 +112,9 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
       os.makedirs(os.path.join(out_dir, "recon"), exist_ok=True)
       Image.fromarray(rec).save(os.path.join(out_dir, "recon", f"{name}__{s['name'].replace(' ', '__')}.png"))
     priced = static_prior.price(st["indices"], hists[s["name"]])
+    for k, d in st["branch_bits"].items():
+      acc = branch_bits.setdefault(k, np.zeros(4))
+      acc += (d["y"], d["z"], priced["per_branch"].get(k, 0.0), d["n"])
     shared = CONTAINER_BITS + st["bits"]["map"]
     hyper = 8 * len(data)
     static_bits, huff_bits = priced["static"] + shared, priced["huffman"] + shared
@@ -135,6 +139,11 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
   write_csv(rows, os.path.join(out_dir, "results.csv"))
   summary = summarize(rows)
   summary.update(
+      # which streams the hyperprior wins or loses on (granularities; residual-VQ stages)
+      per_branch_bits_per_index={
+          k: dict(indices=int(n), hyperprior_y=y / n, z=z / n, static=st_ / n,
+                  saving_vs_static=1.0 - (y + z) / st_)
+          for k, (y, z, st_, n) in branch_bits.items() if n},
       command=command, seconds=time.time() - t0, images=list(images),
       checkpoint_fingerprint=cmodel.fingerprint.hex(),
       static_histogram_fit_on=list(fit_images),

@@ -58,10 +58,9 @@ def huffman_lengths(counts: np.ndarray) -> np.ndarray:
 
 
 def price(indices: Dict[str, np.ndarray], counts: Dict[str, np.ndarray]) -> Dict[str, float]:
-  """Bits of the sent indices {branch: int [n]} under the static code: ideal and Huffman."""
-  ideal = huff = 0.0
-  for g, idx in indices.items():
-    if len(idx):
-      ideal += float(ideal_lengths(counts[g])[idx].sum())
-      huff += float(huffman_lengths(counts[g])[idx].sum())
-  return dict(static=ideal, huffman=huff)
+  """Bits of the sent indices {branch: int [n]} under the static code: ideal and Huffman
+  in total, and the ideal code per branch (`per_branch`)."""
+  per_branch = {b: float(ideal_lengths(counts[b])[idx].sum()) if len(idx) else 0.0
+                for b, idx in indices.items()}
+  huff = sum(float(huffman_lengths(counts[b])[idx].sum()) for b, idx in indices.items() if len(idx))
+  return dict(static=sum(per_branch.values()), huffman=huff, per_branch=per_branch)

@@ -4,7 +4,8 @@ Runs are local subprocesses one after another (`hvq train`, then `hvq eval`), or
 `--print-only`, the commands to paste into the TPU/SLURM launch scripts. A run whose
 `eval/summary.json` exists is skipped, so re-running a sweep finishes what is missing.
 Outputs in WORKDIR: `table.csv`, `table.md` (one row per run and setting, with the
-hyperprior's saving over the static histogram) and `rd_*.png/svg` across runs.
+hyperprior's saving over the static histogram), `branches.csv`/`.md` (bits per index of
+each stream: granularity, or residual-VQ stage) and `rd_*.png/svg` across runs.
 """
 import csv
 import itertools
@@ -68,8 +69,20 @@ def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
   return runs
 
 
+def _write_table(rows: List[Dict], fields: Sequence[str], path_stem: str) -> None:
+  with open(path_stem + ".csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fields)
+    w.writeheader()
+    w.writerows(rows)
+  fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+  with open(path_stem + ".md", "w") as f:
+    f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
+    for r in rows:
+      f.write("| " + " | ".join(fmt(r.get(k)) for k in fields) + " |\n")
+
+
 def collect(workdir: str, run_dirs: Sequence[str]) -> List[Dict]:
-  rows = []
+  rows, branch_rows = [], []
   for d in run_dirs:
     p = os.path.join(d, "eval", "summary.json")
     if not os.path.isfile(p):
@@ -82,17 +95,12 @@ def collect(workdir: str, run_dirs: Sequence[str]) -> List[Dict]:
                        psnr=pt["psnr"], ms_ssim=pt["ms_ssim"], lpips=pt["lpips"],
                        saving_vs_static=per_setting.get(pt["setting"]),
                        run_saving_vs_static=s["hyperprior_saving_vs_static"]))
-  fields = ["run", "setting", "bpp", "psnr", "ms_ssim", "lpips", "saving_vs_static",
-            "run_saving_vs_static"]
-  with open(os.path.join(workdir, "table.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fields)
-    w.writeheader()
-    w.writerows(rows)
-  fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-  with open(os.path.join(workdir, "table.md"), "w") as f:
-    f.write("| " + " | ".join(fields) + " |\n|" + "---|" * len(fields) + "\n")
-    for r in rows:
-      f.write("| " + " | ".join(fmt(r[k]) for k in fields) + " |\n")
+    for b, v in s.get("per_branch_bits_per_index", {}).items():
+      branch_rows.append(dict(run=os.path.basename(d), branch=b, **v))
+  _write_table(rows, ["run", "setting", "bpp", "psnr", "ms_ssim", "lpips", "saving_vs_static",
+                      "run_saving_vs_static"], os.path.join(workdir, "table"))
+  _write_table(branch_rows, ["run", "branch", "indices", "hyperprior_y", "z", "static",
+                             "saving_vs_static"], os.path.join(workdir, "branches"))
   return rows
 
 

@@ -1,4 +1,6 @@
 """Named ablation variants: each builds, trains a step, and round-trips through the codec."""
+import os
+
 import numpy as np
 import jax
 import pytest
@@ -101,3 +103,26 @@ def test_unknown_variant_and_grid():
   plan = sweep.plan("configs/ablations.py", "W", ["base", "single_scale"], "train.num_steps=5", [])
   assert [p[0] for p in plan] == ["W/base__num_steps=5", "W/single_scale__num_steps=5"]
   assert "--config.train.num_steps=5" in plan[0][1] and plan[1][1][2] == "configs/ablations.py:single_scale"
+
+
+def test_sweep_collects_tables(tmp_path):
+  """collect() reads each run's eval/summary.json into table.* and branches.*."""
+  import csv
+  import json
+  for run, saving in (("base", 0.06), ("residual_vq", -0.17)):
+    os.makedirs(tmp_path / run / "eval")
+    s = dict(hyperprior_saving_vs_static=saving,
+             saving_vs_static_per_setting={"lmbda=0.2": saving},
+             curves={"hvq": [dict(setting="lmbda=0.2", bpp=0.25, psnr=21.0, ms_ssim=0.8, lpips=None)]},
+             per_branch_bits_per_index={"fine": dict(indices=10, hyperprior_y=5.0, z=0.5, static=6.0,
+                                                     saving_vs_static=1 - 5.5 / 6.0)})
+    (tmp_path / run / "eval" / "summary.json").write_text(json.dumps(s))
+  rows = sweep.collect(str(tmp_path), [str(tmp_path / "base"), str(tmp_path / "residual_vq"),
+                                       str(tmp_path / "missing")])
+  assert [r["run"] for r in rows] == ["base", "residual_vq"]
+  with open(tmp_path / "branches.csv") as f:
+    br = list(csv.DictReader(f))
+  assert [(r["run"], r["branch"]) for r in br] == [("base", "fine"), ("residual_vq", "fine")]
+  assert float(br[0]["saving_vs_static"]) == pytest.approx(1 / 12)
+  md = (tmp_path / "table.md").read_text().splitlines()
+  assert md[0].startswith("| run | setting") and "-0.1700" in md[3]

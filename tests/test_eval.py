@@ -162,6 +162,14 @@ def test_summary_and_plots(eval_run, tmp_path):
       [r["saving_vs_static"] for r in evaluate.read_csv(os.path.join(out, "results.csv"))
        if r["method"] == "hvq"]))
   assert set(s["curves"]) == {"hvq", "jpeg", "webp"}
+  # per-stream breakdown adds up to the per-file figures
+  ours = [r for r in evaluate.read_csv(os.path.join(out, "results.csv")) if r["method"] == "hvq"]
+  pb = s["per_branch_bits_per_index"]
+  assert set(pb) == set(GRANULARITIES)
+  tot = lambda f: sum(v[f] * v["indices"] for v in pb.values())
+  assert tot("static") == pytest.approx(sum(r["bits_static"] - r["est_bits_map"] - 8 * 45 for r in ours))
+  assert tot("hyperprior_y") == pytest.approx(sum(r["est_bits_y"] for r in ours))
+  assert tot("z") == pytest.approx(sum(r["est_bits_z"] for r in ours))
   r = subprocess.run([sys.executable, "-m", "hvq_jax.cli", "plot", out, "--out", str(tmp_path),
                       "--strip", "coffee", "--images", str(folder)], capture_output=True, text=True)
   assert r.returncode == 0, r.stderr
