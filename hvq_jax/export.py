@@ -106,6 +106,7 @@ def export_stablehlo(cmodel, out_dir: str, height: int, width: int) -> Dict[str,
   import os
   import jax.numpy as jnp
   from hvq_jax import model as model_lib
+  from hvq_jax.encoder import GRANULARITIES
   m = cmodel.cfg.strides[0]
   if height % m or width % m:
     raise ExportError(f"StableHLO export size {height}x{width} must be a multiple of the "
@@ -123,15 +124,14 @@ def export_stablehlo(cmodel, out_dir: str, height: int, width: int) -> Dict[str,
     x = mdl.apply({"params": params}, idx, gmap, (height, width), method=model_lib.HVQ.decode_latents)
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
-  keys = [k for k, _, _ in model_lib.branches(cmodel.cfg)]
-  stride = dict(zip(("coarse", "medium", "fine"), cmodel.cfg.strides))
-  grids = [(height // stride[g], width // stride[g]) for _, g, _ in model_lib.branches(cmodel.cfg)]
+  branches = model_lib.branches(cmodel.cfg)
+  keys = [k for k, _, _ in branches]
+  stride = dict(zip(GRANULARITIES, cmodel.cfg.strides))
+  grid = lambda g: jax.ShapeDtypeStruct((1, height // stride[g], width // stride[g]), jnp.int32)
   enc = jax.export.export(jax.jit(encode))(
       jax.ShapeDtypeStruct((1, height, width, 3), jnp.uint8),
       jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.float32))
-  dec = jax.export.export(jax.jit(decode))(
-      jax.ShapeDtypeStruct((1, height // stride["coarse"], width // stride["coarse"]), jnp.int32),
-      *[jax.ShapeDtypeStruct((1,) + g, jnp.int32) for g in grids])
+  dec = jax.export.export(jax.jit(decode))(grid("coarse"), *[grid(g) for _, g, _ in branches])
   os.makedirs(out_dir, exist_ok=True)
   paths = {}
   for name, e in (("encoder", enc), ("decoder", dec)):

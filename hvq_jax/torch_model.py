@@ -434,23 +434,20 @@ class HVQ(nn.Module):
     # name; residual stage s: f"{g}_s{s}", never l2-normalised).
     self.branches = [(g if s == 0 else f"{g}_s{s}", g, s)
                      for g in GRANULARITIES for s in range(self.stages)]
+    # a shared codebook serves every granularity (one per stage)
+    self.codebook_names = {k: ("codebook" if st == 0 else f"codebook_s{st}")
+                           if c.shared_codebook else f"codebook_{k}" for k, _, st in self.branches}
     for k, g, st in self.branches:
-      l2 = c.l2_normalized and st == 0
-      if not c.shared_codebook:
-        setattr(self, f"codebook_{k}", Codebook(c.codebook_size, c.embed_dim, l2))
-      elif g == GRANULARITIES[0]:
-        setattr(self, "codebook" if st == 0 else f"codebook_s{st}",
-                Codebook(c.codebook_size, c.embed_dim, l2))
+      if not hasattr(self, self.codebook_names[k]):
+        setattr(self, self.codebook_names[k],
+                Codebook(c.codebook_size, c.embed_dim, c.l2_normalized and st == 0))
       if self.hyper_on:
         setattr(self, f"hyper_{k}", HyperBranch(c))
       else:
         setattr(self, f"static_{k}", StaticIndexPrior(c))
 
   def codebooks(self, k):
-    if not self.cfg.shared_codebook:
-      return getattr(self, f"codebook_{k}")
-    st = dict((b, s) for b, _, s in self.branches)[k]
-    return self.codebook if st == 0 else getattr(self, f"codebook_s{st}")
+    return getattr(self, self.codebook_names[k])
 
   @torch.no_grad()
   def forward(self, x, lmbda: Optional[float] = None, ratios: Optional[Sequence[float]] = None):
