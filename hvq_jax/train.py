@@ -180,6 +180,7 @@ class Trainer:
         return losses.hinge_d(apply(x), apply(fake)) * disc_on
 
       metrics["d_loss"], d_grads = jax.value_and_grad(disc_loss)(disc_params)
+    # usage of the first (or only) codebook stage; residual stages have their own entries
     sent_idx = jnp.concatenate([out["indices"][g].reshape(-1) for g in GRANULARITIES])
     sent = jnp.concatenate([out["masks"][g].reshape(-1) for g in GRANULARITIES])
     usage = codebook_lib.usage_stats(sent_idx, sent, cfg.model.codebook_size)
@@ -255,7 +256,7 @@ def evaluate(model, params, photos: Dict[str, np.ndarray], lmbdas, ratios,
   results = {}
   for lm in lmbdas:
     recon, bpp, idx, masks = jax.device_get(_forward(model, params, batch, float(lm), ratios))
-    used = np.concatenate([idx[g][masks[g]] for g in GRANULARITIES])
+    used = np.concatenate([idx[g][masks[g]] for g in GRANULARITIES])   # first VQ stage
     per = [dict(name=n, psnr=metrics_lib.psnr(a, r), ms_ssim=metrics_lib.ms_ssim(a, r),
                 bpp=float(b)) for n, a, r, b in zip(photos, batch, recon, bpp)]
     results[f"{float(lm):g}"] = dict(
