@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from hvq_jax import model as model_lib
+from hvq_jax.nn import model as model_lib
 
 
 def load_config(path):

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import jax
 
-from hvq_jax import train
+from hvq_jax.training import train
 
 
 def load_config(path):

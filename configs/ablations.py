@@ -5,7 +5,7 @@
 
 On accelerators, pass `--config.model...` overrides (or copy this file over default.py).
 """
-from configs import tiny_cpu
+from hvq_jax.configs import tiny_cpu
 
 VARIANTS = {
     "base": lambda c: None,

@@ -70,9 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Device mesh (sharding.py): batch over data x fsdp, large params split over fsdp.
   config.mesh = ml_collections.ConfigDict(dict(
       axes=("data", "fsdp"), shape=(-1, 1), fsdp_min_size=2 ** 18))
-  # Real entropy coding (codec.py): the grid mu and log(sigma) are quantised to before
-  # PMFs are built, the clipping range of z_hat, and the largest image accepted.
+  # Real entropy coding (hvq_jax/codec, entropy/integer.py): z_hat is clipped to
+  # [-z_range, z_range] before it is coded; the integer hyper-synthesis' weight precision;
+  # the largest image accepted; index-weight positions built at once on the device.
   config.codec = ml_collections.ConfigDict(dict(
-      mu_step=2.0 ** -12, log_sigma_step=2.0 ** -8, z_range=64,
-      max_pixels=4096 * 4096, pmf_chunk=2048))
+      z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048))
   return config

@@ -4,7 +4,7 @@ Same structure as the default (three granularities, hyperpriors, lambda conditio
 small channels, K=256, 96 px crops; LPIPS and the GAN off (no weights offline, and
 the GAN needs far more steps than a CPU demo has).
 """
-from configs import default
+from hvq_jax.configs import default
 
 
 def get_config():

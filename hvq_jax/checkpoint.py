@@ -9,6 +9,7 @@ import os
 from typing import Any, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
@@ -55,6 +56,16 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     return out["state"]
+
+  def restore_params(self, step: Optional[int], abstract: Any) -> Any:
+    """Partial restore of the `state` item: only the subtrees of `abstract` (e.g.
+    {"params": ...}), without building optimisers or knowing the rest of the state."""
+    step = self.latest_step() if step is None else step
+    path = os.path.join(self.directory, str(step), "state")
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+    with ocp.PyTreeCheckpointer() as ck:
+      return ck.restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True))
 
   def restore_config(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step

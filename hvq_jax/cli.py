@@ -9,7 +9,8 @@ commands:
               (defaults: the tiny CPU config on the bundled photos, workdir runs/tiny_cpu)
   compress    IMAGE_OR_FOLDER... -o OUT --checkpoint DIR [--lmbda L] [--ratios c,m,f]
               [--target-bpp B]
-  decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR
+  decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR [--backend jax|torch]
+              (--backend torch: --checkpoint is an `hvq export --format torch` file)
   eval        --checkpoint DIR --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
               [--lmbdas 0.05,0.2] [--ratios 'c,m,f;c,m,f'] [--lpips-weights DIR]
   plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC]
@@ -20,7 +21,7 @@ commands:
 
 
 def _default_config_path() -> str:
-  import configs
+  import hvq_jax.configs as configs
   return os.path.join(os.path.dirname(configs.__file__), "tiny_cpu.py")
 
 
@@ -42,8 +43,8 @@ def _train(argv):
   def main(_):
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
-    from hvq_jax import model as model_lib
-    from hvq_jax import train
+    from hvq_jax.nn import model as model_lib
+    from hvq_jax.training import train
     f = flags.FLAGS
     if f.distributed == "on" or (f.distributed == "auto" and (f.coordinator or _multihost_env())):
       import jax
@@ -103,7 +104,11 @@ def _codec_command(cmd, argv):
   ap = argparse.ArgumentParser(prog=f"hvq {cmd}")
   ap.add_argument("inputs", nargs="+")
   ap.add_argument("-o", "--out", required=True, help="output file, or folder for several inputs")
-  ap.add_argument("--checkpoint", required=True, help="training workdir or its checkpoints/")
+  ap.add_argument("--checkpoint", required=True,
+                  help="training workdir or its checkpoints/ (torch backend: a .safetensors export)")
+  if cmd == "decompress":
+    ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
+                    help="torch: decode with the PyTorch model of an `hvq export --format torch` file")
   if cmd == "compress":
     ap.add_argument("--lmbda", type=float, default=None)
     ap.add_argument("--ratios", default=None, help="coarse,medium,fine fractions")
@@ -113,9 +118,10 @@ def _codec_command(cmd, argv):
 
   from tqdm import tqdm
   from PIL import Image
-  from hvq_jax import codec, images
-  from hvq_jax.bitstream import BitstreamError
-  from hvq_jax.model import ConfigError
+  from hvq_jax import codec
+  from hvq_jax import images
+  from hvq_jax.entropy.bitstream import BitstreamError
+  from hvq_jax.nn.model import ConfigError
 
   exts = images.IMAGE_EXTENSIONS if cmd == "compress" else (".hvq",)
   files, to_folder = _inputs(a.inputs, exts)
@@ -127,8 +133,22 @@ def _codec_command(cmd, argv):
       ratios = tuple(float(v) for v in a.ratios.split(","))
     except ValueError:
       sys.exit(f"hvq compress: --ratios must be three numbers like 0.1,0.4,0.5, got {a.ratios!r}")
+  decode = None
   try:
-    model = codec.load_model(a.checkpoint)
+    if cmd == "decompress" and a.backend == "torch":
+      try:
+        from hvq_jax.interop import export, torch_model
+      except ImportError as e:
+        sys.exit(f"hvq {cmd}: --backend torch needs PyTorch: pip install 'hvq_jax[torch]' ({e})")
+      try:
+        net = torch_model.from_safetensors(a.checkpoint)
+        net.coding = export.load_coding(a.checkpoint)
+      except export.ExportError as e:
+        sys.exit(f"hvq {cmd}: {e}")
+      decode = lambda data: torch_model.decompress(net, data)
+    else:
+      model = codec.load_model(a.checkpoint)
+      decode = lambda data: codec.decompress(model, data)
   except codec.CheckpointError as e:
     sys.exit(f"hvq {cmd}: {e}")
   failures = 0
@@ -144,7 +164,7 @@ def _codec_command(cmd, argv):
             f.write(data)
       else:
         with open(path, "rb") as f:
-          img = codec.decompress(model, f.read())
+          img = decode(f.read())
         write = lambda tmp: Image.fromarray(img).save(tmp, format="PNG")
       _atomic_write(out, write)
     except (BitstreamError, images.ImageError, ConfigError, OSError, ValueError) as e:
@@ -172,8 +192,10 @@ def _eval(argv):
   ap.add_argument("--no-recon", action="store_true", help="do not save our reconstructions")
   ap.add_argument("--no-progress", action="store_true")
   a = ap.parse_args(argv)
-  from hvq_jax import codec, evaluate, images
-  from hvq_jax.model import ConfigError
+  from hvq_jax import codec
+  from hvq_jax.evaluation import evaluate
+  from hvq_jax import images
+  from hvq_jax.nn.model import ConfigError
   try:
     cmodel = codec.load_model(a.checkpoint)
     settings = evaluate.parse_settings(a.lmbdas, a.ratios, cmodel)
@@ -203,7 +225,9 @@ def _plot(argv):
   ap.add_argument("--setting", default=None, help="our setting for the strip (default: middle)")
   ap.add_argument("--no-published", action="store_true")
   a = ap.parse_args(argv)
-  from hvq_jax import evaluate, images, plots
+  from hvq_jax.evaluation import evaluate
+  from hvq_jax import images
+  from hvq_jax.evaluation import plots
   out = a.out or a.results[0]
   try:
     files = plots.rd_plots(a.results, out, not a.no_published)
@@ -227,11 +251,12 @@ def _export(argv):
   ap.add_argument("--out", required=True, help="torch: a .safetensors file; stablehlo: a folder")
   ap.add_argument("--size", default="512x768", help="stablehlo: padded HxW the programs take")
   a = ap.parse_args(argv)
-  from hvq_jax import codec, export
+  from hvq_jax import codec
+  from hvq_jax.interop import export
   try:
     cm = codec.load_model(a.checkpoint)
     if a.format == "torch":
-      _atomic_write(a.out, lambda tmp: export.save_torch(cm.params, cm.config, tmp))
+      _atomic_write(a.out, lambda tmp: export.save_torch(cm.params, cm.config, tmp, coding=cm))
       print(f"wrote {a.out}")
     else:
       h, w = (int(v) for v in a.size.lower().split("x"))
@@ -256,8 +281,11 @@ def _import(argv):
   import importlib.util
   import jax
   import ml_collections
-  from hvq_jax import checkpoint as ckpt_lib, export, import_weights, train
-  from hvq_jax.model import ConfigError
+  from hvq_jax import checkpoint as ckpt_lib
+  from hvq_jax.interop import export
+  from hvq_jax.interop import import_weights
+  from hvq_jax.training import train
+  from hvq_jax.nn.model import ConfigError
   try:
     if a.config:
       spec = importlib.util.spec_from_file_location("cfg", a.config)
@@ -271,7 +299,7 @@ def _import(argv):
     else:
       tensors, model_cfg, rd = export.load_torch(a.checkpoint)
       if not a.config:
-        import configs.default as default
+        from hvq_jax.configs import default
         config = default.get_config()
         config.model = model_cfg
         config.rd.lmbda = rd["lmbda"]
@@ -318,7 +346,7 @@ def main(argv=None):
   if cmd == "export":
     return _export(rest)
   if cmd == "sweep":
-    from hvq_jax import sweep
+    from hvq_jax.evaluation import sweep
     return sweep.main(rest)
   if cmd == "import":
     return _import(rest)

@@ -10,8 +10,8 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("HVQ_TEST_JIT_CACHE", "/tmp/hvq_jax_test_jit_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-from configs import tiny_cpu
-from hvq_jax import model as model_lib
+from hvq_jax.configs import tiny_cpu
+from hvq_jax.nn import model as model_lib
 
 
 def micro_config():
@@ -34,7 +34,7 @@ def micro():
 
 def make_workdir(tmp_path_factory, name, seed):
   """An initial (step-0) checkpoint of the micro model, as `hvq train` writes it."""
-  from hvq_jax import train
+  from hvq_jax.training import train
   c = micro_config()
   c.seed = seed
   c.train.num_steps = 0

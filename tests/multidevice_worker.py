@@ -14,7 +14,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.conftest import micro_config  # noqa: E402
-from hvq_jax import train  # noqa: E402
+from hvq_jax.training import train  # noqa: E402
 
 STEPS = 2
 BATCH = 8

@@ -12,9 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from hvq_jax import bitstream, codec, images, train
-from hvq_jax.bitstream import BitstreamError
-from hvq_jax.encoder import GRANULARITIES
+from hvq_jax.entropy import bitstream
+from hvq_jax import codec
+from hvq_jax import images
+from hvq_jax.training import train
+from hvq_jax.entropy.bitstream import BitstreamError
+from hvq_jax.layout import GRANULARITIES
 from tests.conftest import make_workdir
 
 
@@ -42,7 +45,7 @@ def _forward(cmodel, img, lmbda, ratios):
   """The model's own eval-mode forward on the same padded input."""
   m = cmodel.cfg.strides[0]
   xp = np.pad(img, ((0, (-img.shape[0]) % m), (0, (-img.shape[1]) % m), (0, 0)), mode="edge")
-  recon, bpp, idx, masks = jax.device_get(train._forward(
+  recon, bpp, idx, masks = jax.device_get(train.eval_forward(
       cmodel.model, cmodel.params, xp[None], lmbda, jnp.asarray(ratios, jnp.float32)))
   return recon[0, :img.shape[0], :img.shape[1]], bpp[0] * xp.shape[0] * xp.shape[1], idx, masks
 
@@ -122,7 +125,7 @@ def test_wrong_model_rejected(tmp_path_factory, encoded):
 
 
 def test_forged_header_counts_rejected(cmodel, encoded):
-  fmt = "<4sB8sIIf3II"
+  fmt = "<4sB8sIIf3I8sI"
   fields = list(struct.unpack_from(fmt, encoded))
   fields[6] += 1  # one more coarse patch than the image has
   body = struct.pack(fmt, *fields) + encoded[struct.calcsize(fmt):-4]
@@ -145,14 +148,16 @@ def test_fuzz_only_bitstream_errors(cmodel, encoded, data):
     d[i:i] = data.draw(st.binary(min_size=1, max_size=8))
   else:  # corrupt the payload but keep the checksum valid: the range decoder must cope
     body = bytearray(encoded[:-4])
-    i = data.draw(st.integers(44, len(body) - 1))
+    i = data.draw(st.integers(bitstream.CONTAINER_BYTES - 4, len(body) - 1))
     body[i] = data.draw(st.integers(0, 255))
     d = bytearray(_with_crc(bytes(body)))
   try:
     out = codec.decompress(cmodel, bytes(d))
-    assert out.dtype == np.uint8  # a payload change can still decode to some image
   except BitstreamError:
-    pass
+    return
+  # whatever decodes is the image that was encoded: a changed payload that still decodes
+  # must be caught by the symbol digest, never become another image
+  np.testing.assert_array_equal(out, codec.decompress(cmodel, encoded))
 
 
 def test_bad_images_rejected(cmodel):
@@ -185,3 +190,69 @@ def test_cli_round_trip_and_errors(ckpt_dir, tmp_path):
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".hvq-")]
   r = run("decompress", str(bad), "-o", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "nope"))
   assert r.returncode != 0 and "no such checkpoint" in r.stderr
+
+
+# ---- portability: every frequency from integers, desyncs caught -------------------------------
+def test_old_format_version_is_refused_by_name(cmodel, encoded):
+  v1 = encoded[:4] + bytes([1]) + encoded[5:]
+  with pytest.raises(BitstreamError, match="format version 1"):
+    codec.decompress(cmodel, v1)
+
+
+def test_altered_payload_with_valid_crc_is_an_error_never_an_image(cmodel, encoded):
+  """Every single-byte payload change (CRC recomputed) raises; the symbol digest catches
+  those the range decoder cannot see."""
+  body = encoded[:-4]
+  start = bitstream.CONTAINER_BYTES - 4
+  caught_by_digest = 0
+  for i in range(start, len(body), max(1, (len(body) - start) // 24)):
+    changed = body[:i] + bytes([body[i] ^ 0x5A]) + body[i + 1:]
+    with pytest.raises(BitstreamError) as e:
+      codec.decompress(cmodel, _with_crc(changed))
+    caught_by_digest += "symbol digest" in str(e.value)
+  assert caught_by_digest > 0
+
+
+def _float_grid(cmodel, dtype):
+  """What the float entropy path (format 1) built its PMFs from: the float hyper-
+  synthesis' mu and log sigma, rounded to a 2^-12 / 2^-8 grid, for the fine branch."""
+  from hvq_jax.nn import model as model_lib
+  cfg = cmodel.cfg.copy_and_resolve_references()
+  cfg.dtype = dtype
+  mdl = model_lib.build(cfg)
+  z = np.random.default_rng(0).integers(-3, 4, (1, 4, 5, cfg.hyperprior.latent_channels))
+  grid = (4 * 2 ** cfg.hyperprior.num_down, 5 * 2 ** cfg.hyperprior.num_down)
+  mu, sigma = jax.device_get(mdl.apply({"params": cmodel.params}, "fine",
+                                       jnp.asarray(z, jnp.float32), grid,
+                                       method=model_lib.HVQ.prior))
+  return np.round(mu / 2.0 ** -12), np.round(np.log(sigma) / 2.0 ** -8)
+
+
+def test_decoding_ignores_float_numerics(ckpt_dir, cmodel, encoded):
+  """Decode with the model's float networks in bfloat16 (a different 'device'): the
+  symbols are identical, because no frequency depends on a float network. The float
+  entropy path of format 1 would have built other PMFs from the same z: show it."""
+  mu32, ls32 = _float_grid(cmodel, "float32")
+  mu16, ls16 = _float_grid(cmodel, "bfloat16")
+  assert (mu32 != mu16).mean() > 0.5 or (ls32 != ls16).mean() > 0.5   # old path: desync
+  from hvq_jax.codec.model import CodecModel
+  cfg = cmodel.config.copy_and_resolve_references()
+  cfg.model.dtype = "bfloat16"
+  other = CodecModel(cfg, cmodel.params)
+  assert other.fingerprint == cmodel.fingerprint
+  _, idx16, gmap16 = codec.decode_indices(other, encoded)
+  _, idx32, gmap32 = codec.decode_indices(cmodel, encoded)
+  np.testing.assert_array_equal(gmap16, gmap32)
+  for k in idx32:
+    np.testing.assert_array_equal(idx16[k], idx32[k])
+
+
+def test_index_weights_on_device_equal_numpy(cmodel, photo):
+  """The codec builds index weights with jitted int32 JAX; the PyTorch decoder with numpy."""
+  from hvq_jax.entropy import integer
+  rng = np.random.default_rng(1)
+  t = cmodel.tables["fine"]
+  mu = rng.integers(-(1 << 14), (1 << 14) + 1, (3000, cmodel.cfg.embed_dim))
+  ls = rng.integers(t.ls_lo, t.ls_hi + 1, (3000, cmodel.cfg.embed_dim))
+  np.testing.assert_array_equal(cmodel.index_weights("fine", mu, ls),
+                                integer.branch_index_weights(t, mu, ls).astype(np.float32))

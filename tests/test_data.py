@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import tiny_cpu
-from hvq_jax import data, images
+from hvq_jax.configs import tiny_cpu
+from hvq_jax.training import data
+from hvq_jax import images
 
 
 def test_conversion_rules():

@@ -3,7 +3,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from hvq_jax.entropy_bottleneck import EntropyBottleneck
+from hvq_jax.entropy.bottleneck import EntropyBottleneck
 
 
 def numpy_cumulative_logits(params, x, n_layers):
@@ -51,3 +51,20 @@ def test_training_adds_uniform_noise():
   z = jnp.zeros((1, 64, 64, 3))
   z_t, _ = eb.apply({"params": params}, z, True, rngs={"noise": jax.random.PRNGKey(3)})
   assert float(jnp.abs(z_t).max()) <= 0.5 and float(jnp.std(z_t)) > 0.25
+
+
+def test_likelihood_where_the_cdf_logits_cancel():
+  """Zero biases and gates make the CDF logit odd (l(-x) = -l(x)): at z = 0 the two
+  logits sum to exactly 0, where a sign(lower + upper) trick returns a zero likelihood."""
+  eb = EntropyBottleneck(2)
+  params = eb.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)), training=False)["params"]
+  params = {k: (jnp.zeros_like(v) if k.startswith(("bias", "factor")) else v)
+            for k, v in params.items()}
+  lik = np.asarray(eb.apply({"params": params}, jnp.zeros((1, 2)), method=EntropyBottleneck.likelihood))
+  sp = lambda m: np.log1p(np.exp(np.asarray(m, np.float64)))
+  a = np.ones((2, 1, 1))
+  for i in range(4):      # the logit is linear: the product of the softplus matrices
+    a = sp(params[f"matrix{i}"]) @ a
+  slope = a[:, 0, 0]
+  want = 1 / (1 + np.exp(-slope / 2)) - 1 / (1 + np.exp(slope / 2))
+  np.testing.assert_allclose(lik[0], want, rtol=1e-5)

@@ -10,8 +10,16 @@ import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from hvq_jax import bd_rate, codec, evaluate, images, metrics, model as model_lib, static_prior
-from hvq_jax.encoder import GRANULARITIES
+from hvq_jax.evaluation import bd_rate
+from hvq_jax import codec
+from hvq_jax.entropy import bitstream
+from hvq_jax.evaluation import evaluate
+from hvq_jax import images
+from hvq_jax.evaluation import metrics
+from hvq_jax.nn import model as model_lib
+from hvq_jax.evaluation import static_prior
+from hvq_jax import layout
+from hvq_jax.layout import GRANULARITIES
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -135,21 +143,21 @@ def test_static_bits_match_histogram_of_decoded_files(eval_run):
     counts = {g: np.zeros(k, np.int64) for g in GRANULARITIES}
     for img in fit.values():
       _, idx, gmap = codec.decode_indices(cm, codec.compress(cm, img, lmbda=s["lmbda"], ratios=s["ratios"]))
-      masks = model_lib.sent_masks(gmap, tuple(cm.cfg.strides))
+      masks = layout.sent_masks(gmap, tuple(cm.cfg.strides))
       for g in GRANULARITIES:
         counts[g] += np.bincount(idx[g][np.asarray(masks[g])], minlength=k)
     for r in [r for r in rows if r["setting"] == s["name"]]:
       img = images.read_image(str(folder / f"{r['image']}.png"))
       data = codec.compress(cm, img, lmbda=s["lmbda"], ratios=s["ratios"])
       header, idx, gmap = codec.decode_indices(cm, data)
-      masks = model_lib.sent_masks(gmap, tuple(cm.cfg.strides))
+      masks = layout.sent_masks(gmap, tuple(cm.cfg.strides))
       bits = 0.0
       for g in GRANULARITIES:
         p = (counts[g] + 1.0) / (counts[g] + 1.0).sum()
         bits += -np.log2(p[idx[g][np.asarray(masks[g])]]).sum()
       n = gmap.size
       c = np.asarray(header.counts, float)
-      bits += -np.log2(c[gmap.reshape(-1)] / n).sum() + 8 * (41 + 4)   # map + container
+      bits += -np.log2(c[gmap.reshape(-1)] / n).sum() + 8 * bitstream.CONTAINER_BYTES  # map + container
       assert r["bits_static"] == pytest.approx(bits, rel=1e-9)
       assert r["saving_vs_static"] == pytest.approx(1 - 8 * len(data) / bits)
 
@@ -167,7 +175,7 @@ def test_summary_and_plots(eval_run, tmp_path):
   pb = s["per_branch_bits_per_index"]
   assert set(pb) == set(GRANULARITIES)
   tot = lambda f: sum(v[f] * v["indices"] for v in pb.values())
-  assert tot("static") == pytest.approx(sum(r["bits_static"] - r["est_bits_map"] - 8 * 45 for r in ours))
+  assert tot("static") == pytest.approx(sum(r["bits_static"] - r["est_bits_map"] - 8 * bitstream.CONTAINER_BYTES for r in ours))
   assert tot("hyperprior_y") == pytest.approx(sum(r["est_bits_y"] for r in ours))
   assert tot("z") == pytest.approx(sum(r["est_bits_z"] for r in ours))
   r = subprocess.run([sys.executable, "-m", "hvq_jax.cli", "plot", out, "--out", str(tmp_path),

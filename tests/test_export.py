@@ -10,8 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")   # the `torch` extra; .ci/run installs torch==2.13.0
 
-from hvq_jax import codec, export, images, import_weights, train  # noqa: E402
-from hvq_jax.encoder import GRANULARITIES  # noqa: E402
+from hvq_jax import codec
+from hvq_jax.interop import export
+from hvq_jax import images
+from hvq_jax.interop import import_weights
+from hvq_jax.training import train  # noqa: E402
+from hvq_jax import layout
+from hvq_jax.layout import GRANULARITIES  # noqa: E402
 
 
 def _cli(*a):
@@ -42,7 +47,7 @@ def test_flax_torch_names_and_layouts(micro_codec):
 @pytest.mark.parametrize("name,crop", [("coffee", (slice(0, 64), slice(0, 80))),
                                         ("chelsea", (slice(0, 45), slice(0, 71)))])
 def test_torch_model_matches_jax(micro_codec, exported, name, crop):
-  from hvq_jax.torch_model import from_safetensors
+  from hvq_jax.interop.torch_model import from_safetensors
   net = from_safetensors(exported)
   img = images.bundled_photo(name)[crop]
   x = img.astype(np.float32)[None] / 127.5 - 1.0
@@ -67,9 +72,9 @@ def test_torch_model_matches_jax(micro_codec, exported, name, crop):
 def test_torch_model_matches_jax_on_ablation_tokenizers(variant, tmp_path):
   """Residual VQ (codebook per stage, residual off the sphere) and the static-histogram
   prior: same branch keys, indices and bits in PyTorch."""
-  from configs import ablations
-  from hvq_jax import model as model_lib
-  from hvq_jax.torch_model import from_safetensors
+  from hvq_jax.configs import ablations
+  from hvq_jax.nn import model as model_lib
+  from hvq_jax.interop.torch_model import from_safetensors
   c = ablations.get_config(variant)
   m = c.model
   m.ch, m.dec_ch, m.norm_groups, m.codebook_size = 16, 16, 4, 64
@@ -159,11 +164,61 @@ def test_stablehlo_round_trip(micro_codec, tmp_path):
   data = codec.compress(micro_codec, img)
   _, ref_idx, ref_gmap = codec.decode_indices(micro_codec, data)
   np.testing.assert_array_equal(np.asarray(gmap), ref_gmap)
-  from hvq_jax import model as model_lib
-  masks = model_lib.sent_masks(ref_gmap, tuple(micro_codec.cfg.strides))
+  from hvq_jax.nn import model as model_lib
+  masks = layout.sent_masks(ref_gmap, tuple(micro_codec.cfg.strides))
   for g, i in zip(GRANULARITIES, idx):
     m = np.asarray(masks[g])
     np.testing.assert_array_equal(np.asarray(i)[m], ref_idx[g][m])
   # params are baked in as constants, which XLA folds differently: rounding-level only
   ref = codec.decompress(micro_codec, data)
   assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_torch_decodes_jax_files(micro_codec, exported, tmp_path):
+  """A .hvq file made by the JAX codec decodes in PyTorch: the stored integer tables are
+  the JAX model's, the symbols are identical, the pixels within 1/255."""
+  from hvq_jax.entropy import streams
+  from hvq_jax.interop import torch_model
+  tables, fp, codec_cfg = export.load_coding(exported)
+  assert fp == micro_codec.fingerprint and set(tables) == set(micro_codec.tables)
+  for k, t in tables.items():
+    ref = micro_codec.tables[k].arrays()
+    got = t.arrays()
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+      np.testing.assert_array_equal(got[name], ref[name], err_msg=f"{k}.{name}")
+  net = torch_model.from_safetensors(exported)
+  for name, crop in [("coffee", (slice(0, 64), slice(0, 80))), ("chelsea", (slice(0, 45), slice(3, 74)))]:
+    img = images.bundled_photo(name)[crop]
+    data = codec.compress(micro_codec, img)
+    header, payload, hw = streams.read_header(data, fp, net.cfg, codec_cfg["max_pixels"])
+    gmap, idx = streams.decode(tables, net.cfg, codec_cfg["z_range"], header, payload, hw)
+    _, ref_idx, ref_gmap = codec.decode_indices(micro_codec, data)
+    np.testing.assert_array_equal(gmap, ref_gmap)
+    for k in ref_idx:
+      np.testing.assert_array_equal(idx[k], ref_idx[k])
+    out = torch_model.decompress(net, data)
+    ref = codec.decompress(micro_codec, data)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+  (tmp_path / "a.hvq").write_bytes(data)
+  r = _cli("decompress", str(tmp_path / "a.hvq"), "-o", str(tmp_path / "a.png"),
+           "--checkpoint", exported, "--backend", "torch")
+  assert r.returncode == 0, r.stderr
+  from PIL import Image
+  assert np.abs(np.asarray(Image.open(tmp_path / "a.png")).astype(int) - ref.astype(int)).max() <= 1
+  from hvq_jax.entropy.bitstream import CONTAINER_BYTES as CONTAINER
+  with pytest.raises(codec.BitstreamError, match="symbol digest|cannot be decoded"):
+    body = bytearray(data[:-4])
+    body[CONTAINER + (len(body) - CONTAINER) // 2] ^= 0xFF
+    import struct, zlib
+    torch_model.decompress(net, bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
+
+
+def test_export_without_tables_cannot_decode(micro_codec, tmp_path):
+  from hvq_jax.interop import torch_model
+  path = str(tmp_path / "bare.safetensors")
+  export.save_torch(micro_codec.params, micro_codec.config, path)
+  net = torch_model.from_safetensors(path)
+  with pytest.raises(export.ExportError, match="no coding tables"):
+    torch_model.decompress(net, codec.compress(micro_codec, images.bundled_photo("coffee")[:32, :32]))

@@ -2,7 +2,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from hvq_jax import granularity
+from hvq_jax.nn import granularity
 
 
 def numpy_patch_entropy(x, patch, bins=32):

@@ -3,8 +3,8 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from hvq_jax import losses
-from hvq_jax.codebook import Codebook
+from hvq_jax.training import losses
+from hvq_jax.nn.codebook import Codebook
 
 
 def test_hinge_losses():

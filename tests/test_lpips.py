@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import traverse_util
 
-from hvq_jax import lpips
+from hvq_jax.nn import lpips
 
 
 def _fake_weights(net="alexnet"):

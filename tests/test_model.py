@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hvq_jax import model as model_lib
-from hvq_jax.encoder import GRANULARITIES
+from hvq_jax.nn import model as model_lib
+from hvq_jax import layout
+from hvq_jax.layout import GRANULARITIES
 
 
 def _apply(model, params, x, ratios, training=False, lmbda=1.0):
@@ -138,7 +139,7 @@ def test_residual_stages_learn_and_add_up():
 def test_z_masks_cover_sent_blocks():
   rng = np.random.default_rng(0)
   m = rng.random((2, 9, 7)) < 0.1
-  zm = np.asarray(model_lib.z_masks({"fine": jnp.asarray(m)}, 2)["fine"])
+  zm = np.asarray(layout.z_masks({"fine": jnp.asarray(m)}, 2)["fine"])
   assert zm.shape == (2, 3, 2)
   for b in range(2):
     for i in range(3):
@@ -152,7 +153,7 @@ def test_masked_z_costs_only_where_sent(micro):
   x = jax.random.uniform(jax.random.PRNGKey(3), (1, 64, 64, 3), minval=-1, maxval=1)
   ratios = (0.75, 0.125, 0.125)
   out = _apply(model, params, x, ratios)
-  zm = model_lib.z_masks(out["masks"], cfg.model.hyperprior.num_down)
+  zm = layout.z_masks(out["masks"], cfg.model.hyperprior.num_down)
   want = 0.0
   for g in GRANULARITIES:
     y = out["y"][g]

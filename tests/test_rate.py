@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
-from hvq_jax import rate
+from hvq_jax.entropy import rate
 
 
 def reference_log_probs(mu, sigma, codebook):

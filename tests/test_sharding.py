@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from hvq_jax import codec, images, sharding
+from hvq_jax import codec
+from hvq_jax import images
+from hvq_jax.training import sharding
 
 WORKER = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from hvq_jax import checkpoint as ckpt_lib
-from hvq_jax import train
+from hvq_jax.training import train
 from tests.conftest import micro_config
 
 

@@ -14,11 +14,14 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
-from hvq_jax import granularity, rate
-from hvq_jax.codebook import Codebook
-from hvq_jax.decoder import Decoder
-from hvq_jax.encoder import GRANULARITIES, Encoder
-from hvq_jax.hyperprior import HyperBranch, StaticIndexPrior
+from hvq_jax import layout
+from hvq_jax.layout import GRANULARITIES, branches, codebook_name
+from hvq_jax.nn import granularity
+from hvq_jax.entropy import rate
+from hvq_jax.nn.codebook import Codebook
+from hvq_jax.nn.decoder import Decoder
+from hvq_jax.nn.encoder import Encoder
+from hvq_jax.nn.hyperprior import HyperBranch, StaticIndexPrior
 
 
 class ConfigError(ValueError):
@@ -49,8 +52,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for m in mult:
       need((ch * m) % cfg.norm_groups == 0,
            f"{name} * mult = {ch * m} is not divisible by norm_groups={cfg.norm_groups}")
-  need(cfg.hyperprior.channels % 1 == 0 and cfg.hyperprior.num_down >= 1,
-       "hyperprior.num_down must be >= 1")
+  need(isinstance(cfg.hyperprior.channels, int) and cfg.hyperprior.channels >= 1,
+       f"hyperprior.channels must be an integer >= 1, got {cfg.hyperprior.channels!r}")
+  need(isinstance(cfg.hyperprior.num_down, int) and cfg.hyperprior.num_down >= 1,
+       f"hyperprior.num_down must be an integer >= 1, got {cfg.hyperprior.num_down!r}")
   for flag in ("mask_z", "index_bias", "index_mixture", "enabled"):
     need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
@@ -58,13 +63,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(cfg.rate_straight_through in ("exact", "scaled", "off"),
        f"rate_straight_through must be 'exact', 'scaled' or 'off', got {cfg.rate_straight_through!r}")
   need(cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {cfg.dtype}")
-
-
-def branches(cfg) -> Tuple[Tuple[str, str, int], ...]:
-  """(key, granularity, stage) of every index stream, in bitstream order: stage 0 is
-  keyed by the granularity's name, residual stage s >= 1 by f"{g}_s{s}"."""
-  n = int(cfg.get("rvq_stages", 1))
-  return tuple((g if s == 0 else f"{g}_s{s}", g, s) for g in GRANULARITIES for s in range(n))
 
 
 def check_ratios(ratios) -> None:
@@ -81,27 +79,6 @@ def pad_to_multiple(x: jax.Array, m: int) -> jax.Array:
   if ph == 0 and pw == 0:
     return x
   return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-
-
-def sent_masks(gmap: jax.Array, strides) -> Dict[str, jax.Array]:
-  """Coarse-grid map [B, hc, wc] -> {g: bool [B, h_g, w_g]} positions sent at granularity g."""
-  out = {}
-  for gi, (g, s) in enumerate(zip(GRANULARITIES, strides)):
-    f = strides[0] // s
-    m = gmap == gi
-    out[g] = jnp.repeat(jnp.repeat(m, f, axis=1), f, axis=2)
-  return out
-
-
-def z_masks(masks: Dict[str, jax.Array], num_down: int) -> Dict[str, jax.Array]:
-  """Sent-position masks {g: [B, h, w]} -> z positions to send {g: [B, ceil(h/2^n), ceil(w/2^n)]}."""
-  f = 2 ** num_down
-  out = {}
-  for g, m in masks.items():
-    b, h, w = m.shape
-    m = jnp.pad(m, ((0, 0), (0, (-h) % f), (0, (-w) % f)))
-    out[g] = m.reshape(b, m.shape[1] // f, f, m.shape[2] // f, f).any(axis=(2, 4))
-  return out
 
 
 class HVQ(nn.Module):
@@ -123,11 +100,12 @@ class HVQ(nn.Module):
     res_scale = float(c.get("rvq_init_scale", 0.0)) or c.codebook_init_scale
     make_cb = lambda s, name: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized and s == 0,
                                        c.codebook_init_scale if s == 0 else res_scale, name=name)
-    if c.shared_codebook:   # shared across granularities; one codebook per stage
-      shared = [make_cb(s, "codebook" if s == 0 else f"codebook_s{s}") for s in range(stages)]
-      self.codebooks = {k: shared[s] for k, _, s in branches(c)}
-    else:
-      self.codebooks = {k: make_cb(s, f"codebook_{k}") for k, _, s in branches(c)}
+    made = {}
+    for k, _, s in branches(c):   # a shared codebook serves every granularity of its stage
+      name = codebook_name(c, k, s)
+      if name not in made:
+        made[name] = make_cb(s, name)
+    self.codebooks = {k: made[codebook_name(c, k, s)] for k, _, s in branches(c)}
     h = c.hyperprior
     if not h.get("enabled", True):
       self.hyper = {k: StaticIndexPrior(c.codebook_size, float(h.get("index_bias_scale", 1.0)),
@@ -208,7 +186,7 @@ class HVQ(nn.Module):
   def synthesize(self, q: Dict[str, jax.Array], gmap: jax.Array, out_hw) -> jax.Array:
     """Quantised embeddings {g: [B, h_g, w_g, D]} + map -> image [B, H, W, 3] (padded size)."""
     strides = tuple(self.cfg.strides)
-    masks = sent_masks(gmap, strides)
+    masks = layout.sent_masks(gmap, strides, jnp)
     s_f = strides[-1]
     merged = 0.0
     for g, s in zip(GRANULARITIES, strides):
@@ -233,11 +211,11 @@ class HVQ(nn.Module):
     xp = pad_to_multiple(x, c.strides[0])
     a = self.analyze(xp, lmbda, ratios)
     gmap = a["gmap"]
-    masks = sent_masks(gmap, tuple(c.strides))
+    masks = layout.sent_masks(gmap, tuple(c.strides), jnp)
     bits, q, indices, mu_sigma = {}, {}, {}, {}
     cb_loss = commit_loss = 0.0
     z_bits = jnp.zeros((b,), jnp.float32)
-    zm = z_masks(masks, c.hyperprior.num_down) if c.hyperprior.get("mask_z", False) else {}
+    zm = layout.z_masks(masks, c.hyperprior.num_down, jnp) if c.hyperprior.get("mask_z", False) else {}
     hyper_on = c.hyperprior.get("enabled", True)
     for g in GRANULARITIES:
       m = masks[g].astype(jnp.float32)
@@ -261,8 +239,9 @@ class HVQ(nn.Module):
         else:   # ablation: static learned histogram, no side information
           per_pos = rate.static_bits(self.hyper[k].log_prior(), idx)
         bits[f"y_{g}"] = bits[f"y_{g}"] + jnp.sum(per_pos * m, axis=(1, 2))
-        cb_loss = cb_loss + vq["codebook_loss"] / 3
-        commit_loss = commit_loss + vq["commitment_loss"] / 3
+        # mean over branches: the VQ terms keep their weight whatever rvq_stages is
+        cb_loss = cb_loss + vq["codebook_loss"] / len(branches(c))
+        commit_loss = commit_loss + vq["commitment_loss"] / len(branches(c))
         indices[k] = idx
       # the decoder sees the sum of the stages' entries, straight-through to y
       y_in = stages[0][2]["y"]

@@ -7,6 +7,7 @@ Layout (little-endian):
   height   u32, width u32                      original image size
   lmbda    f32                                 rate setting used by the encoder
   counts   3 x u32                             coarse/medium/fine patch counts (the ratios)
+  symbols  8 bytes  sha256 of the coded symbols (entropy/streams.py), checked after decoding
   length   u32                                 payload size in 32-bit words
   payload  length x u32                        constriction range-coder words
   crc32    u32                                 over everything above
@@ -14,8 +15,15 @@ Layout (little-endian):
 The payload holds, in order: the granularity map (one symbol per coarse patch, class
 frequencies = counts), z_hat of each branch whose granularity has sent positions
 (factorized prior tables), and the VQ indices of sent positions (per-position hyperprior
-PMFs), branch by branch. A branch is a granularity, or with residual VQ one stage of it
-(coarse, coarse_s1, ..., fine_s1: `model.branches`); the model fingerprint fixes which.
+PMFs), branch by branch (`layout.stream_plan`). A branch is a granularity, or with
+residual VQ one stage of it (coarse, coarse_s1, ..., fine_s1: `layout.branches`); the
+model fingerprint fixes which. Every frequency is an integer from the integer entropy path
+(entropy/integer.py), the same on every device; the symbol digest turns any remaining
+mismatch (another model or entropy path, a forged payload) into an error, never a wrong
+image.
+
+Version history: 1 (hvq_jax 0.1) built PMFs from float network outputs and carried no
+symbol digest; such files do not decode exactly across devices and are refused by name.
 """
 import struct
 import zlib
@@ -26,8 +34,8 @@ import numpy as np
 import constriction
 
 MAGIC = b"HVQC"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sB8sIIf3II")
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sB8sIIf3I8sI")
 _CRC = struct.Struct("<I")
 MAX_PIXELS = 1 << 26  # 64 Mpixel: beyond this a header is rejected before any allocation
 
@@ -43,12 +51,16 @@ class Header:
   width: int
   lmbda: float
   counts: Tuple[int, int, int]
+  symbols: bytes = bytes(8)     # digest of the coded symbols
+
+
+CONTAINER_BYTES = _HEADER.size + _CRC.size   # what a file holds besides the payload
 
 
 def pack(header: Header, payload: np.ndarray) -> bytes:
   payload = np.asarray(payload, dtype="<u4")
   head = _HEADER.pack(MAGIC, FORMAT_VERSION, header.fingerprint, header.height, header.width,
-                      header.lmbda, *header.counts, payload.size)
+                      header.lmbda, *header.counts, header.symbols, payload.size)
   body = head + payload.tobytes()
   return body + _CRC.pack(zlib.crc32(body))
 
@@ -60,12 +72,16 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
   data = bytes(data)
   if len(data) < 4 or data[:4] != MAGIC:
     raise BitstreamError("not an .hvq bitstream (wrong magic bytes)")
+  if len(data) >= 5 and data[4] == 1:
+    raise BitstreamError("format version 1 (hvq_jax 0.1): its PMFs came from float networks, "
+                         "so it cannot be decoded exactly on another device; this reader "
+                         f"decodes version {FORMAT_VERSION}. Compress the original image again.")
+  if len(data) >= 5 and data[4] != FORMAT_VERSION:
+    raise BitstreamError(f"unsupported format version {data[4]} (this reader knows "
+                         f"version {FORMAT_VERSION})")
   if len(data) < _HEADER.size + _CRC.size:
     raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
-  magic, version, fp, h, w, lmbda, c0, c1, c2, n_words = _HEADER.unpack_from(data)
-  if version != FORMAT_VERSION:
-    raise BitstreamError(f"unsupported format version {version} (this reader knows "
-                         f"version {FORMAT_VERSION})")
+  magic, version, fp, h, w, lmbda, c0, c1, c2, digest, n_words = _HEADER.unpack_from(data)
   expected = _HEADER.size + 4 * n_words + _CRC.size
   if len(data) < expected:
     raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header says {expected}")
@@ -79,23 +95,29 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
   if not np.isfinite(lmbda) or lmbda <= 0:
     raise BitstreamError(f"invalid lambda {lmbda} in header")
   payload = np.frombuffer(data, dtype="<u4", count=n_words, offset=_HEADER.size).astype(np.uint32)
-  return Header(fp, h, w, float(lmbda), (c0, c1, c2)), payload
+  return Header(fp, h, w, float(lmbda), (c0, c1, c2), digest), payload
 
 
 # ---- range coding -------------------------------------------------------------------------
+def _floats(weights: np.ndarray) -> np.ndarray:
+  w = np.asarray(weights)
+  return np.ascontiguousarray(w if w.dtype in (np.float32, np.float64) else w.astype(np.float64))
+
+
 def _family():
   # perfect=False: fast, and identical on encoder and decoder by construction.
   return constriction.stream.model.Categorical(perfect=False)
 
 
 def encode_streams(streams: Sequence[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-  """[(symbols int32 [n], probabilities float64 [n, A])...] -> uint32 words."""
+  """[(symbols int32 [n], weights [n, A])...] -> uint32 words. Weights are integers as
+  float32 or float64 (entropy/integer.py: rows summing to 2^24 - A, so constriction uses
+  them exactly)."""
   enc = constriction.stream.queue.RangeEncoder()
   family = _family()
   for symbols, probs in streams:
     if len(symbols):
-      enc.encode(np.ascontiguousarray(symbols, np.int32), family,
-                 np.ascontiguousarray(probs, np.float64))
+      enc.encode(np.ascontiguousarray(symbols, np.int32), family, _floats(probs))
   return enc.get_compressed()
 
 
@@ -110,7 +132,6 @@ class StreamDecoder:
     if probs.shape[0] == 0:
       return np.zeros((0,), np.int32)
     try:
-      return np.asarray(self._dec.decode(self._family, np.ascontiguousarray(probs, np.float64)),
-                        np.int32)
+      return np.asarray(self._dec.decode(self._family, _floats(probs)), np.int32)
     except Exception as e:  # constriction raises on exhausted or inconsistent data
       raise BitstreamError(f"payload cannot be decoded ({type(e).__name__}: {e})") from None

@@ -18,7 +18,7 @@ def _plt():
 
 def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool = True) -> List[str]:
   """One figure per metric, one curve per method (and per results dir for our model)."""
-  from hvq_jax import evaluate
+  from hvq_jax.evaluation import evaluate
   plt = _plt()
   os.makedirs(out_dir, exist_ok=True)
   series = []   # (label, points, style)
@@ -37,7 +37,7 @@ def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool =
       label = f"hvq ({run})" if m == "hvq" and multi else m
       series.append((label, pts, "o-" if m == "hvq" else ".--"))
   if include_published:
-    from hvq_jax import baselines
+    from hvq_jax.evaluation import baselines
     for ref in baselines.published():
       series.append((f"{ref['method']} [{ref['dataset']}, published]", ref["points"], "x:"))
   written = []
@@ -70,7 +70,8 @@ def image_strip(result_dir: str, image: str, original: np.ndarray, out_path: str
                 setting: Optional[str] = None, codec: str = "jpeg") -> str:
   """Original | ours | `codec` at the closest bpp, with bpp and PSNR in the titles."""
   from PIL import Image
-  from hvq_jax import baselines, metrics
+  from hvq_jax.evaluation import baselines
+  from hvq_jax.evaluation import metrics
   plt = _plt()
   recons = sorted(glob.glob(os.path.join(result_dir, "recon", f"{image}__*.png")))
   if not recons:
@@ -78,7 +79,7 @@ def image_strip(result_dir: str, image: str, original: np.ndarray, out_path: str
                             "(run `hvq eval` with reconstructions saved)")
   if setting is not None:
     recons = [r for r in recons if setting.replace(" ", "__") in r] or recons
-  from hvq_jax import evaluate
+  from hvq_jax.evaluation import evaluate
   rows = {r["setting"].replace(" ", "__"): r for r in evaluate.read_csv(
       os.path.join(result_dir, "results.csv")) if r["method"] == "hvq" and r["image"] == image}
   path = recons[len(recons) // 2]

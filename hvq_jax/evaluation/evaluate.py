@@ -18,13 +18,17 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hvq_jax import baselines, bitstream, codec, metrics, static_prior
+from hvq_jax.evaluation import baselines
+from hvq_jax.entropy import bitstream
+from hvq_jax import codec
+from hvq_jax.evaluation import metrics
+from hvq_jax.evaluation import static_prior
 from hvq_jax import images as images_lib
 
 FIELDS = ("image", "method", "setting", "lmbda", "ratios", "quality", "bytes", "bpp", "psnr",
           "ms_ssim", "lpips", "bits_hyperprior", "bits_static", "bits_huffman", "bits_fixed",
           "est_bits_y", "est_bits_z", "est_bits_map", "saving_vs_static", "saving_vs_huffman", "saving_vs_fixed")
-CONTAINER_BITS = 8 * (bitstream._HEADER.size + bitstream._CRC.size)
+CONTAINER_BITS = 8 * bitstream.CONTAINER_BYTES
 
 
 def load_images(spec: str, tfds_data_dir: str = "", limit: int = 0) -> Dict[str, np.ndarray]:
@@ -32,7 +36,7 @@ def load_images(spec: str, tfds_data_dir: str = "", limit: int = 0) -> Dict[str,
   if spec.startswith("bundled:"):
     out = images_lib.bundled_photos(spec.split(":", 1)[1])
   elif spec.startswith("tfds:"):
-    from hvq_jax.data import TfdsImages
+    from hvq_jax.training.data import TfdsImages
     parts = spec.split(":")
     src = TfdsImages(parts[1], parts[2] if len(parts) > 2 else "test", tfds_data_dir)
     n = len(src) if not limit else min(limit, len(src))
@@ -49,7 +53,7 @@ class LpipsMetric:
   """LPIPS when its weights can be found; otherwise None values and the reason."""
 
   def __init__(self, net: str = "alexnet", weights_dir: Optional[str] = None):
-    from hvq_jax import lpips as lpips_lib
+    from hvq_jax.nn import lpips as lpips_lib
     self.reason = None
     try:
       self.params = lpips_lib.load_params(net, weights_dir)
@@ -81,7 +85,7 @@ def parse_settings(lmbdas: Optional[str], ratios: Optional[str], cmodel) -> List
           else [float(v) for v in cmodel.config.rd.lambdas])
   rats = ([tuple(float(v) for v in r.split(",")) for r in ratios.split(";")] if ratios
           else [cmodel.default_ratios])
-  from hvq_jax.model import check_ratios
+  from hvq_jax.nn.model import check_ratios
   for r in rats:
     check_ratios(r)
   return [dict(lmbda=l, ratios=r, name=f"lmbda={l:g} ratios={','.join(f'{v:g}' for v in r)}")
@@ -206,7 +210,7 @@ def curves(rows: List[Dict]) -> Dict[str, List[Dict]]:
 
 
 def summarize(rows: List[Dict]) -> Dict:
-  from hvq_jax.bd_rate import bd_rate
+  from hvq_jax.evaluation.bd_rate import bd_rate
   ours = [r for r in rows if r["method"] == "hvq"]
   per_image = {}
   for r in ours:

@@ -16,12 +16,12 @@ import numpy as np
 def fit_counts(cmodel, images: Iterable[np.ndarray], lmbda: float, ratios) -> Dict[str, np.ndarray]:
   """Index usage {branch: int64 [K]} over the sent positions of `images` at one rate
   setting (a branch is a granularity, or one residual stage of it)."""
-  from hvq_jax import codec
+  from hvq_jax import codec, layout
   k = cmodel.cfg.codebook_size
   counts = {b: np.zeros(k, np.int64) for b, _, _ in cmodel.branches}
   for img in images:
     lat = codec.encode_latents(cmodel, img, lmbda, ratios)
-    masks = codec._masks(lat["gmap"], tuple(cmodel.cfg.strides))
+    masks = layout.sent_masks(lat["gmap"], tuple(cmodel.cfg.strides))
     for b, g, _ in cmodel.branches:
       sent = np.asarray(lat["indices"][b])[masks[g]]
       counts[b] += np.bincount(sent, minlength=k)

@@ -6,6 +6,11 @@ kernels (in, out) -> weight (out, in), GroupNorm scale -> weight; everything els
 (codebook, entropy-bottleneck tables, index bias) keeps its name and layout. The mapping
 is a bijection, so JAX -> torch -> JAX returns identical params. The file's metadata
 holds the model config and the default rate settings (what `hvq compress` uses).
+
+For decoding `.hvq` files the export also stores the integer entropy tables
+(entropy/integer.py) as `coding.{branch}.{name}` int64 tensors, with the model fingerprint
+and the codec settings in the metadata: a PyTorch decoder reads the very integers the
+JAX encoder derived.
 """
 import json
 from typing import Any, Dict, Tuple
@@ -73,13 +78,50 @@ def check_keys(expected: Dict[str, Any], got: Dict[str, Any], what: str) -> None
     raise ExportError("\n".join(lines))
 
 
-def save_torch(params, config, path: str) -> None:
-  """Write the generator as safetensors with PyTorch names/layouts + config metadata."""
+CODING = "coding."
+
+
+def save_torch(params, config, path: str, coding=None) -> None:
+  """Write the generator as safetensors with PyTorch names/layouts + config metadata.
+
+  `coding`: a `codec.CodecModel` whose integer tables, fingerprint and codec settings
+  are stored too (what `torch_model.decompress` needs); `hvq export` always passes it.
+  """
   from safetensors.numpy import save_file
   meta = dict(format=FORMAT, model=config.model.to_json(),
               rd=json.dumps(dict(lmbda=float(config.rd.lmbda),
                                  ratios=[float(r) for r in config.granularity.ratios])))
-  save_file(flax_to_torch(params), path, metadata=meta)
+  tensors = flax_to_torch(params)
+  if coding is not None:
+    from hvq_jax.entropy import integer
+    meta.update(fingerprint=coding.fingerprint.hex(), codec=json.dumps(coding.codec),
+                integer_version=str(integer.VERSION))
+    for key, t in coding.tables.items():
+      for name, a in t.arrays().items():
+        tensors[f"{CODING}{key}.{name}"] = np.ascontiguousarray(a, np.int64)
+  save_file(tensors, path, metadata=meta)
+
+
+def load_coding(path: str):
+  """The integer tables of an export: ({branch: BranchTables}, fingerprint, codec
+  settings), or an ExportError saying the file cannot decode."""
+  from safetensors import safe_open
+  from hvq_jax.entropy import integer
+  with safe_open(path, "np") as f:
+    meta = f.metadata() or {}
+    arrays = {k[len(CODING):]: f.get_tensor(k) for k in f.keys() if k.startswith(CODING)}
+  if "fingerprint" not in meta or not arrays:
+    raise ExportError(f"{path}: this export has no coding tables (made by an older hvq_jax "
+                      "or without a checkpoint); re-export it with `hvq export --format torch`")
+  if meta.get("integer_version") != str(integer.VERSION):
+    raise ExportError(f"{path}: integer entropy tables of version {meta.get('integer_version')}, "
+                      f"this hvq_jax decodes version {integer.VERSION}")
+  by_branch = {}
+  for k, a in arrays.items():
+    branch, name = k.split(".", 1)
+    by_branch.setdefault(branch, {})[name] = a
+  tables = {b: integer.BranchTables.from_arrays(a) for b, a in by_branch.items()}
+  return tables, bytes.fromhex(meta["fingerprint"]), json.loads(meta["codec"])
 
 
 def load_torch(path: str) -> Tuple[Dict[str, np.ndarray], ml_collections.ConfigDict, dict]:
@@ -88,7 +130,7 @@ def load_torch(path: str) -> Tuple[Dict[str, np.ndarray], ml_collections.ConfigD
   try:
     with safe_open(path, "np") as f:
       meta = f.metadata() or {}
-      tensors = {k: f.get_tensor(k) for k in f.keys()}
+      tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(CODING)}
   except FileNotFoundError:
     raise ExportError(f"{path}: no such file") from None
   except Exception as e:
@@ -105,8 +147,9 @@ def export_stablehlo(cmodel, out_dir: str, height: int, width: int) -> Dict[str,
   fixed padded size with `jax.export`, params baked in as constants."""
   import os
   import jax.numpy as jnp
-  from hvq_jax import model as model_lib
-  from hvq_jax.encoder import GRANULARITIES
+  from hvq_jax.nn import model as model_lib
+  from hvq_jax import layout
+  from hvq_jax.layout import GRANULARITIES
   m = cmodel.cfg.strides[0]
   if height % m or width % m:
     raise ExportError(f"StableHLO export size {height}x{width} must be a multiple of the "
@@ -124,7 +167,7 @@ def export_stablehlo(cmodel, out_dir: str, height: int, width: int) -> Dict[str,
     x = mdl.apply({"params": params}, idx, gmap, (height, width), method=model_lib.HVQ.decode_latents)
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
-  branches = model_lib.branches(cmodel.cfg)
+  branches = layout.branches(cmodel.cfg)
   keys = [k for k, _, _ in branches]
   stride = dict(zip(GRANULARITIES, cmodel.cfg.strides))
   grid = lambda g: jax.ShapeDtypeStruct((1, height // stride[g], width // stride[g]), jnp.int32)

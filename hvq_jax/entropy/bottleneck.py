@@ -50,8 +50,9 @@ class EntropyBottleneck(nn.Module):
     v = jnp.moveaxis(z_hat.astype(jnp.float32).reshape(-1, self.channels), -1, 0)[:, None]
     lower = self.logits_cumulative(v - 0.5)
     upper = self.logits_cumulative(v + 0.5)
-    # Subtract in the tail where both sigmoids are far from 1 (stable, as in CompressAI).
-    sign = jax.lax.stop_gradient(-jnp.sign(lower + upper))
+    # Subtract in the tail where both sigmoids are far from 1 (stable, as in CompressAI);
+    # the sign is never 0 (jnp.sign would give 0, and a zero likelihood, at lower = -upper).
+    sign = jax.lax.stop_gradient(jnp.where(lower + upper > 0, -1.0, 1.0))
     lik = jnp.abs(jax.nn.sigmoid(sign * upper) - jax.nn.sigmoid(sign * lower))
     lik = jnp.maximum(lik, LIKELIHOOD_BOUND)
     return jnp.moveaxis(lik[:, 0], 0, -1).reshape(shape)

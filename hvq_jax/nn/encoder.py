@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from hvq_jax import layers
+from hvq_jax.nn import layers
 
-GRANULARITIES = ("coarse", "medium", "fine")
+from hvq_jax.layout import GRANULARITIES
 
 
 class Head(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from hvq_jax.entropy_bottleneck import EntropyBottleneck
+from hvq_jax.entropy.bottleneck import EntropyBottleneck
 
 
 class HyperBranch(nn.Module):

@@ -24,7 +24,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import jax
 
-from hvq_jax import export
+from hvq_jax.interop import export
 
 
 def read_torch_file(path: str) -> Dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from hvq_jax import layers
+from hvq_jax.nn import layers
 
 
 class Decoder(nn.Module):

@@ -142,7 +142,7 @@ def main(argv):
   rows = collect(a.workdir, [d for d, _, _ in runs])
   done = [d for d, _, _ in runs if os.path.isfile(os.path.join(d, "eval", "summary.json"))]
   if done:
-    from hvq_jax import plots
+    from hvq_jax.evaluation import plots
     plots.rd_plots([os.path.join(d, "eval") for d in done], a.workdir, include_published=False)
   print(f"wrote {a.workdir}/table.csv, table.md ({len(rows)} rows)")
   return 1 if failed else 0

@@ -20,22 +20,23 @@ import optax
 import ml_collections
 
 from hvq_jax import checkpoint as ckpt_lib
-from hvq_jax import codebook as codebook_lib
-from hvq_jax import data as data_lib
+from hvq_jax.nn import codebook as codebook_lib
+from hvq_jax.training import data as data_lib
 from hvq_jax import images as images_lib
-from hvq_jax import losses
-from hvq_jax import lpips as lpips_lib
-from hvq_jax import metrics as metrics_lib
-from hvq_jax import model as model_lib
-from hvq_jax import sharding
-from hvq_jax.discriminator import PatchGAN
-from hvq_jax.encoder import GRANULARITIES
+from hvq_jax.training import losses
+from hvq_jax.nn import lpips as lpips_lib
+from hvq_jax.evaluation import metrics as metrics_lib
+from hvq_jax.nn import model as model_lib
+from hvq_jax.training import sharding
+from hvq_jax.training.discriminator import PatchGAN
+from hvq_jax.layout import GRANULARITIES
 
 
 def validate_config(config) -> None:
   model_lib.validate(config.model)
   model_lib.check_ratios(config.granularity.ratios)
-  err = lambda m: (_ for _ in ()).throw(model_lib.ConfigError(m))
+  def err(msg):
+    raise model_lib.ConfigError(msg)
   if config.image_size % config.model.strides[0]:
     err(f"config.image_size={config.image_size} must be a multiple of the coarse stride "
         f"{config.model.strides[0]}")
@@ -241,7 +242,8 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _forward(model, params, x_uint8, lmbda, ratios):
+def eval_forward(model, params, x_uint8, lmbda, ratios):
+  """Eval-mode forward of uint8 images: (recon uint8, estimated bpp, indices, masks)."""
   x = x_uint8.astype(jnp.float32) / 127.5 - 1.0
   out = model.apply({"params": params}, x, jnp.full((x.shape[0],), lmbda), ratios)
   recon = jnp.clip(jnp.round((out["recon"] + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
@@ -255,7 +257,7 @@ def evaluate(model, params, photos: Dict[str, np.ndarray], lmbdas, ratios,
   ratios = jnp.asarray(ratios, jnp.float32)
   results = {}
   for lm in lmbdas:
-    recon, bpp, idx, masks = jax.device_get(_forward(model, params, batch, float(lm), ratios))
+    recon, bpp, idx, masks = jax.device_get(eval_forward(model, params, batch, float(lm), ratios))
     used = np.concatenate([idx[g][masks[g]] for g in GRANULARITIES])   # first VQ stage
     per = [dict(name=n, psnr=metrics_lib.psnr(a, r), ms_ssim=metrics_lib.ms_ssim(a, r),
                 bpp=float(b)) for n, a, r, b in zip(photos, batch, recon, bpp)]
@@ -410,7 +412,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> Dict[str,
         json.dump(dict(step=int(jax.device_get(state["step"])), results=results), f, indent=1)
       print(format_eval(results))
       batch = np.stack([center_crop(p, config.eval.image_size) for p in photos.values()])
-      recon = jax.device_get(_forward(trainer.model, params, batch, float(config.rd.lmbda),
+      recon = jax.device_get(eval_forward(trainer.model, params, batch, float(config.rd.lmbda),
                                       jnp.asarray(config.granularity.ratios)))[0]
       writer.images(int(jax.device_get(state["step"])), "heldout/original_vs_recon",
                     _image_grid(batch, recon))

@@ -1,9 +1,14 @@
 """The same HVQ-CGIC generator in pure PyTorch, loaded from `hvq export --format torch`.
 
-    from hvq_jax.torch_model import from_safetensors
+    from hvq_jax.interop.torch_model import from_safetensors, decompress
     net = from_safetensors("model.safetensors")          # nn.Module, eval mode
     out = net(x)          # x: [B, 3, H, W] float in [-1, 1] (any H, W)
-    out["recon"], out["indices"], out["bits"], out["bpp"]   # indices keyed by branch (model.branches)
+    out["recon"], out["indices"], out["bits"], out["bpp"]   # indices keyed by branch (layout.branches)
+    image = decompress(net, open("photo.hvq", "rb").read())   # uint8 [H, W, 3]
+
+`decompress` decodes files made by the JAX codec: the entropy decoding is the codec's own
+framework-free code (entropy/streams.py with the integer tables stored in the export), so
+the symbols are bit-identical; the pixels come from this module's synthesis network.
 
 Every layer mirrors the flax module of the same name (state_dict keys = export keys),
 including the numerics that matter for parity: GroupNorm eps 1e-6, tanh-GELU in the
@@ -21,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GRANULARITIES = ("coarse", "medium", "fine")
+from hvq_jax import layout
+from hvq_jax.layout import GRANULARITIES
 
 
 # ---- layers ------------------------------------------------------------------------------
@@ -317,7 +323,7 @@ class EntropyBottleneck(nn.Module):
     b, c, hh, ww = z.shape
     v = z.permute(1, 0, 2, 3).reshape(c, 1, -1)
     lo, up = self._logits(v - 0.5), self._logits(v + 0.5)
-    sign = -torch.sign(lo + up)
+    sign = torch.where(lo + up > 0, -1.0, 1.0)
     lik = torch.abs(torch.sigmoid(sign * up) - torch.sigmoid(sign * lo)).clamp_min(1e-9)
     return lik.reshape(c, b, hh, ww).permute(1, 0, 2, 3)
 
@@ -430,13 +436,10 @@ class HVQ(nn.Module):
     self.decoder = Decoder(c)
     self.stages = int(c.get("rvq_stages", 1))
     self.hyper_on = bool(c.hyperprior.get("enabled", True))
-    # Same branch keys and module names as hvq_jax.model (stage 0: the granularity's
+    # Same branch keys and module names as hvq_jax.nn.model (stage 0: the granularity's
     # name; residual stage s: f"{g}_s{s}", never l2-normalised).
-    self.branches = [(g if s == 0 else f"{g}_s{s}", g, s)
-                     for g in GRANULARITIES for s in range(self.stages)]
-    # a shared codebook serves every granularity (one per stage)
-    self.codebook_names = {k: ("codebook" if st == 0 else f"codebook_s{st}")
-                           if c.shared_codebook else f"codebook_{k}" for k, _, st in self.branches}
+    self.branches = list(layout.branches(c))
+    self.codebook_names = {k: layout.codebook_name(c, k, st) for k, _, st in self.branches}
     for k, g, st in self.branches:
       if not hasattr(self, self.codebook_names[k]):
         setattr(self, self.codebook_names[k],
@@ -463,10 +466,10 @@ class HVQ(nn.Module):
     gmap = granularity_map(xp, ratios, s[0], c.granularity_bins)
     bits, indices, masks, q = {}, {}, {}, {}
     z_bits = torch.zeros(b)
-    nd = c.hyperprior.num_down
-    for gi, (g, st) in enumerate(zip(GRANULARITIES, s)):
-      f = s[0] // st
-      m = (gmap == gi).repeat_interleave(f, 1).repeat_interleave(f, 2)
+    sent = layout.sent_masks(gmap.numpy(), s)
+    zmask = layout.z_masks(sent, c.hyperprior.num_down)
+    for g in GRANULARITIES:
+      m = torch.from_numpy(sent[g])
       any_sent = (m.flatten(1).sum(1) > 0).float()
       v = y[g]                                   # [B, D, h, w]: what the next stage quantises
       q[g], bits[f"y_{g}"], masks[g] = 0.0, torch.zeros(b), m
@@ -480,9 +483,7 @@ class HVQ(nn.Module):
           hb = getattr(self, f"hyper_{k}")
           z_hat = torch.round(hb.analysis(v))
           if c.hyperprior.get("mask_z", False):
-            fz = 2 ** nd
-            mp = F.pad(m.float(), (0, (-m.shape[2]) % fz, 0, (-m.shape[1]) % fz))
-            zm = F.max_pool2d(mp[:, None], fz)[:, 0] > 0
+            zm = torch.from_numpy(zmask[g])
             z_hat = z_hat * zm[:, None].float()
           else:
             zm = torch.ones(z_hat.shape[0], *z_hat.shape[2:], dtype=torch.bool)
@@ -505,22 +506,39 @@ class HVQ(nn.Module):
     counts = class_counts(gmap[0].numel(), ratios).float()
     p = counts[gmap.reshape(b, -1)] / gmap[0].numel()
     bits["map"] = -torch.log2(p.clamp_min(1e-12)).sum(-1)
+    recon = self.synthesize(q, gmap, xp.shape[2:])[:, :, :H, :W]
+    total = sum(bits.values())
+    return dict(recon=recon, indices=indices, masks=masks, gmap=gmap, bits=bits,
+                bpp=total / (H * W))
+
+  def synthesize(self, q, gmap, out_hw):
+    """Quantised embeddings {g: [B, h_g, w_g, D]} (zero where not sent) + map [B, hc, wc]
+    -> image [B, 3, H, W] in [-1, 1] at the padded size (the JAX `HVQ.synthesize`)."""
+    s = tuple(self.cfg.strides)
     s_f = s[-1]
     merged = sum(q[g].repeat_interleave(st // s_f, 1).repeat_interleave(st // s_f, 2)
                  for g, st in zip(GRANULARITIES, s))
     f = s[0] // s_f
     onehot = F.one_hot(gmap.repeat_interleave(f, 1).repeat_interleave(f, 2), 3).float()
     cond = torch.cat([merged, onehot], -1).permute(0, 3, 1, 2)
-    recon = self.decoder(cond, xp.shape[2:])[:, :, :H, :W]
-    total = sum(bits.values())
-    return dict(recon=recon, indices=indices, masks=masks, gmap=gmap, bits=bits,
-                bpp=total / (H * W))
+    return self.decoder(cond, out_hw)
+
+  @torch.no_grad()
+  def decode_latents(self, indices, gmap, out_hw):
+    """Decoded indices {branch: int [B, h_g, w_g]} + map -> image [B, 3, H, W] (padded)."""
+    masks = layout.sent_masks(gmap.numpy(), tuple(self.cfg.strides))
+    q = {}
+    for k, g, _ in self.branches:
+      e = self.codebooks(k).entries()[indices[k].long()]
+      q[g] = q.get(g, 0.0) + e
+    q = {g: v * torch.from_numpy(masks[g])[..., None].float() for g, v in q.items()}
+    return self.synthesize(q, gmap.long(), out_hw)
 
 
 def from_safetensors(path: str) -> HVQ:
   """Load `hvq export --format torch` output: config from the metadata, weights strict."""
   from safetensors.torch import load_file
-  from hvq_jax import export
+  from hvq_jax.interop import export
   tensors, model_cfg, rd = export.load_torch(path)
   net = HVQ(model_cfg, rd["lmbda"], rd["ratios"])
   state = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
@@ -528,4 +546,25 @@ def from_safetensors(path: str) -> HVQ:
   if missing or unexpected:
     raise export.ExportError(f"{path}: missing keys {missing[:10]}, unexpected keys "
                              f"{unexpected[:10]}")
+  net.coding_path = path
   return net.eval()
+
+
+def decompress(net: HVQ, data: bytes) -> np.ndarray:
+  """.hvq bytes made by the JAX codec -> uint8 [H, W, 3], decoded with PyTorch.
+
+  Raises `BitstreamError` for anything not decodable (as `hvq_jax.codec.decompress`) and
+  `ExportError` when the export carries no coding tables."""
+  from hvq_jax import images
+  from hvq_jax.entropy import streams
+  from hvq_jax.interop import export
+  if getattr(net, "coding", None) is None:
+    net.coding = export.load_coding(net.coding_path)
+  tables, fingerprint, codec = net.coding
+  header, payload, hw = streams.read_header(data, fingerprint, net.cfg,
+                                            codec.get("max_pixels", 4096 * 4096))
+  gmap, indices = streams.decode(tables, net.cfg, int(codec["z_range"]), header, payload, hw)
+  x = net.decode_latents({k: torch.from_numpy(v) for k, v in indices.items()},
+                         torch.from_numpy(gmap), hw)
+  img = torch.clamp(torch.round((x + 1.0) * 127.5), 0, 255).to(torch.uint8)
+  return img[0].permute(1, 2, 0)[:header.height, :header.width].numpy()

@@ -1,0 +1,157 @@
+"""A trained model ready to code: params, config, fingerprint and the integer entropy tables.
+
+Loading needs no trainer: the params' shapes come from `jax.eval_shape` of the model's
+init and Orbax restores only the `params` (or EMA params) subtree of the training state,
+so compressing an image imports neither optax nor the discriminator.
+"""
+import functools
+import hashlib
+import json
+import os
+from typing import Dict, Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from hvq_jax import checkpoint as ckpt_lib
+from hvq_jax import layout
+from hvq_jax.entropy import integer
+from hvq_jax.nn import model as model_lib
+
+# z_range: z_hat is clipped to [-z_range, z_range] before it is coded; weight_bits: the
+# integer hyper-synthesis' weights; max_pixels: the largest image accepted;
+# index_chunk: positions whose index weights are built at once (device memory).
+DEFAULT_CODEC = dict(z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048)
+
+
+class CheckpointError(FileNotFoundError):
+  """No usable checkpoint where one was asked for; the message names the directory."""
+
+
+# Compute settings: they change how fast (and, by float rounding, which pixels) a model
+# computes, never its params, symbols or integer tables, so they are not fingerprinted.
+_COMPUTE_ONLY = ("dtype", "remat", "rate_chunk")
+
+
+def fingerprint(params, model_cfg, codec: Optional[dict] = None) -> bytes:
+  """8 bytes of sha256 over the params (in tree order), the model config (less compute
+  settings) and what of the codec settings the integer tables depend on."""
+  cfg = {k: v for k, v in json.loads(model_cfg.to_json()).items() if k not in _COMPUTE_ONLY}
+  h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+  if codec is not None:
+    h.update(json.dumps(dict(integer=integer.VERSION, z_range=int(codec["z_range"]),
+                             weight_bits=int(codec["weight_bits"])), sort_keys=True).encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.digest()[:8]
+
+
+def codebook_entries(params, model_cfg, key: str, stage: int) -> np.ndarray:
+  """Branch `key`'s codebook as the model uses it, in deterministic float64 (the l2
+  normalisation of nn/codebook.py with a fixed summation order)."""
+  e = np.asarray(params[layout.codebook_name(model_cfg, key, stage)]["embedding"], np.float64)
+  if model_cfg.l2_normalized and stage == 0:
+    sq = e[:, 0] * e[:, 0]
+    for d in range(1, e.shape[1]):
+      sq = sq + e[:, d] * e[:, d]
+    e = e / np.sqrt(sq + 1e-6)[:, None]
+  return e
+
+
+def build_tables(params, model_cfg, codec: dict) -> Dict[str, integer.BranchTables]:
+  """The integer entropy model of every branch (deterministic: see entropy/integer.py)."""
+  host = jax.device_get(params)
+  hyper_on = bool(model_cfg.hyperprior.get("enabled", True))
+  out = {}
+  for k, _, s in layout.branches(model_cfg):
+    sub = host[f"hyper_{k}" if hyper_on else f"static_{k}"]
+    out[k] = integer.build_branch(sub, codebook_entries(host, model_cfg, k, s), hyper_on,
+                                  model_cfg, codec)
+  return out
+
+
+class CodecModel:
+  """Params, config, fingerprint and integer tables of one model, on one device."""
+
+  def __init__(self, config, params):
+    self.config = config
+    self.cfg = config.model
+    self.model = model_lib.build(config.model)
+    self.params = params
+    codec = dict(DEFAULT_CODEC)
+    codec.update({k: v for k, v in (config.get("codec", {}) or {}).items() if k in DEFAULT_CODEC})
+    self.codec = codec
+    self.hyper_on = bool(self.cfg.hyperprior.get("enabled", True))
+    self.branches = layout.branches(self.cfg)
+    leaves = jax.tree.leaves(jax.device_get(params))
+    if not all(np.isfinite(np.asarray(a)).all() for a in leaves):
+      raise CheckpointError("the checkpoint's params hold NaN or Inf (a diverged run?): "
+                            "this model cannot code; restore an earlier step")
+    self.fingerprint = fingerprint(params, config.model, codec)
+    self.tables = build_tables(params, self.cfg, codec)
+    self._device_tables = {k: _device_tables(t) for k, t in self.tables.items()} if self.hyper_on else {}
+    self.default_lmbda = float(config.rd.lmbda)
+    self.default_ratios = tuple(float(v) for v in config.granularity.ratios)
+
+  def index_weights(self, key: str, mu: np.ndarray, ls: np.ndarray) -> np.ndarray:
+    """Integer index weights [n, K] as float32, built on the default device in fixed-size
+    chunks (one compiled program for every image size); bitwise equal to the numpy
+    `integer.index_weights`."""
+    t = self._device_tables[key]
+    chunk = int(self.codec["index_chunk"])
+    n = len(mu)
+    out = np.empty((n, self.tables[key].codebook.shape[0]), np.float32)
+    pad = -n % chunk
+    mu = np.pad(np.asarray(mu, np.int32), ((0, pad), (0, 0)))
+    ls = np.pad(np.asarray(ls, np.int32), ((0, pad), (0, 0)), constant_values=self.tables[key].ls_lo)
+    parts = [_index_weights_jit(jnp.asarray(mu[s:s + chunk]), jnp.asarray(ls[s:s + chunk]),
+                                *t["arrays"], t["ls_lo"], t["total_hyper"])
+             for s in range(0, n + pad, chunk)]
+    for i, p in enumerate(parts):
+      s = i * chunk
+      out[s:min(s + chunk, n)] = np.asarray(p)[:min(chunk, n - s)]
+    return out
+
+
+def _device_tables(t: integer.BranchTables):
+  arrays = tuple(jnp.asarray(a) for a in (t.codebook, t.inv_mant, t.inv_shift, t.bias,
+                                          t.static, integer.EXP_TABLE))
+  return dict(arrays=arrays, ls_lo=jnp.int32(t.ls_lo), total_hyper=jnp.int32(t.total_hyper))
+
+
+@jax.jit
+def _index_weights_jit(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_table, ls_lo,
+                       total_hyper):
+  w = integer.index_weights(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_table,
+                            ls_lo, total_hyper, xp=jnp)
+  return w.astype(jnp.float32)   # exact: every weight is below 2^24
+
+
+def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
+  """Load params (EMA params when the run kept them) and config from a training workdir
+  or its `checkpoints/` folder."""
+  d = ckpt_dir
+  if os.path.isdir(os.path.join(d, "checkpoints")):
+    d = os.path.join(d, "checkpoints")
+  if not os.path.isdir(d):
+    raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+  ck = ckpt_lib.Checkpointer(d, async_save=False)
+  try:
+    if ck.latest_step() is None:
+      raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
+    config = ml_collections.ConfigDict(ck.restore_config(step))
+    model = model_lib.build(config.model)
+    abstract = jax.eval_shape(functools.partial(model_lib.init_params, model,
+                                                image_size=int(config.image_size)),
+                              jax.random.PRNGKey(0))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                            abstract)
+    key = "ema_params" if config.train.get("ema_decay", 0.0) > 0 else "params"
+    params = ck.restore_params(step, {key: abstract})[key]
+  finally:
+    ck.close()
+  return CodecModel(config, params)

@@ -1,0 +1,1 @@
+"""Moving models across frameworks: PyTorch export/import and decoder, StableHLO."""

@@ -1,0 +1,85 @@
+"""Where every symbol lives: granularities, branches, grids, masks and the stream order.
+
+Framework-free: the flax model (jax.numpy, traced), the codec (numpy) and the PyTorch
+decoder (numpy) all use these definitions, so encoder and decoders cannot disagree on a
+grid, a mask or the order of streams. Array functions take the namespace `xp` (numpy or
+jax.numpy).
+"""
+from typing import Dict, List, NamedTuple, Sequence, Tuple
+
+import numpy as np
+
+GRANULARITIES = ("coarse", "medium", "fine")
+
+
+def branches(model_cfg) -> Tuple[Tuple[str, str, int], ...]:
+  """(key, granularity, stage) of every index stream, in bitstream order: stage 0 is
+  keyed by the granularity's name, residual stage s >= 1 by f"{g}_s{s}"."""
+  n = int(model_cfg.get("rvq_stages", 1))
+  return tuple((g if s == 0 else f"{g}_s{s}", g, s) for g in GRANULARITIES for s in range(n))
+
+
+def codebook_name(model_cfg, key: str, stage: int) -> str:
+  """The params entry holding branch `key`'s codebook: shared across granularities (one
+  per stage), or one per branch."""
+  if model_cfg.shared_codebook:
+    return "codebook" if stage == 0 else f"codebook_s{stage}"
+  return f"codebook_{key}"
+
+
+def padded_size(h: int, w: int, coarse_stride: int) -> Tuple[int, int]:
+  """Images are edge-padded on the bottom/right to multiples of the coarse stride."""
+  return -(-h // coarse_stride) * coarse_stride, -(-w // coarse_stride) * coarse_stride
+
+
+def grids(hp: int, wp: int, strides) -> Dict[str, Tuple[int, int]]:
+  """Index grid (h_g, w_g) of each granularity for a padded image hp x wp."""
+  return {g: (hp // s, wp // s) for g, s in zip(GRANULARITIES, strides)}
+
+
+def z_grid(h: int, w: int, num_down: int) -> Tuple[int, int]:
+  """The hyper-latent grid over an index grid h x w (`num_down` stride-2 'SAME' convs)."""
+  for _ in range(num_down):
+    h, w = -(-h // 2), -(-w // 2)
+  return h, w
+
+
+def sent_masks(gmap, strides, xp=np) -> Dict[str, object]:
+  """Coarse-grid map [B, hc, wc] -> {g: bool [B, h_g, w_g]} positions sent at granularity g."""
+  b, h, w = gmap.shape
+  out = {}
+  for gi, (g, s) in enumerate(zip(GRANULARITIES, strides)):
+    f = strides[0] // s
+    m = gmap == gi
+    out[g] = xp.broadcast_to(m[:, :, None, :, None], (b, h, f, w, f)).reshape(b, h * f, w * f)
+  return out
+
+
+def z_masks(masks: Dict[str, object], num_down: int, xp=np) -> Dict[str, object]:
+  """Sent-position masks {g: [B, h, w]} -> z positions sent {g: [B, h_z, w_z]}: those
+  whose 2^n x 2^n block holds a sent position (config `hyperprior.mask_z`)."""
+  f = 2 ** num_down
+  out = {}
+  for g, m in masks.items():
+    b, h, w = m.shape
+    m = xp.pad(m, ((0, 0), (0, (-h) % f), (0, (-w) % f)))
+    out[g] = m.reshape(b, m.shape[1] // f, f, m.shape[2] // f, f).any(axis=(2, 4))
+  return out
+
+
+class Stream(NamedTuple):
+  kind: str          # "map" | "z" | "y"
+  branch: str        # branch key ("" for the map)
+  granularity: str   # "" for the map
+
+
+def stream_plan(model_cfg, counts: Sequence[int]) -> List[Stream]:
+  """The payload's streams in order: the granularity map; z of every branch whose
+  granularity has sent positions (hyperprior models); then those branches' indices."""
+  sent = {g: int(c) > 0 for g, c in zip(GRANULARITIES, counts)}
+  plan = [Stream("map", "", "")]
+  live = [(k, g) for k, g, _ in branches(model_cfg) if sent[g]]
+  if model_cfg.hyperprior.get("enabled", True):
+    plan += [Stream("z", k, g) for k, g in live]
+  plan += [Stream("y", k, g) for k, g in live]
+  return plan

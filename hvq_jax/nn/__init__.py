@@ -1,0 +1,1 @@
+"""Flax modules: layers, encoder, decoder, codebook, granularity map, hyperprior, the model, LPIPS."""

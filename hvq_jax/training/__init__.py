@@ -1,0 +1,1 @@
+"""Training: the G/D step, losses, discriminator, grain data, meshes and sharding."""
