@@ -36,9 +36,8 @@ def load_images(spec: str, tfds_data_dir: str = "", limit: int = 0) -> Dict[str,
   if spec.startswith("bundled:"):
     out = images_lib.bundled_photos(spec.split(":", 1)[1])
   elif spec.startswith("tfds:"):
-    from hvq_jax.training.data import TfdsImages
     parts = spec.split(":")
-    src = TfdsImages(parts[1], parts[2] if len(parts) > 2 else "test", tfds_data_dir)
+    src = images_lib.TfdsImages(parts[1], parts[2] if len(parts) > 2 else "test", tfds_data_dir)
     n = len(src) if not limit else min(limit, len(src))
     out = {f"{parts[1]}_{i:05d}": src[i] for i in range(n)}
   else:

@@ -11,51 +11,7 @@ import grain
 from PIL import Image
 
 from hvq_jax import images
-
-
-class InMemoryImages:
-  """Random-access source over a list of uint8 [H, W, 3] arrays."""
-
-  def __init__(self, arrays: Sequence[np.ndarray]):
-    self._arrays = list(arrays)
-
-  def __len__(self):
-    return len(self._arrays)
-
-  def __getitem__(self, i):
-    return self._arrays[i]
-
-
-class ImageFolder:
-  """Random-access source over a folder of images, decoded on access."""
-
-  def __init__(self, folder: str):
-    self._paths = images.list_images(folder)
-
-  def __len__(self):
-    return len(self._paths)
-
-  def __getitem__(self, i):
-    return images.read_image(self._paths[i])
-
-
-class TfdsImages:
-  """`tfds.data_source(name, split, data_dir)` (ArrayRecord, random access) -> RGB uint8."""
-
-  def __init__(self, name: str, split: str, data_dir: str, image_key: str = "image"):
-    try:
-      import tensorflow_datasets as tfds
-    except ImportError:
-      raise ImportError("data.source='tfds' needs tensorflow-datasets: "
-                        "pip install 'hvq_jax[tfds]'") from None
-    self._src = tfds.data_source(name, split=split, data_dir=data_dir or None)
-    self._key = image_key
-
-  def __len__(self):
-    return len(self._src)
-
-  def __getitem__(self, i):
-    return images.to_rgb_uint8(np.asarray(self._src[i][self._key]), f"tfds[{i}]")
+from hvq_jax.images import ImageFolder, InMemoryImages, TfdsImages
 
 
 def make_source(data_cfg, split: str = "train"):
