@@ -129,3 +129,53 @@ def test_mixture_with_static_histogram(chunk):
   np.testing.assert_allclose(bits, want, rtol=1e-5, atol=1e-4)
   # the mixture caps the cost of a missed index at the static code + log2(1/eps)
   assert np.all(bits <= -np.log2(static[idx]) + np.log2(1 / eps) + 1e-4)
+
+
+def _reference_bits(codebook, mu, sigma, b, m, idx):
+  """The bits of METHOD.md written plainly: -log2 of the (mixed) softmax at the index."""
+  logits = -0.5 * jnp.sum(((codebook[None] - mu.reshape(-1, 1, mu.shape[-1]))
+                           / sigma.reshape(-1, 1, sigma.shape[-1])) ** 2, -1) + b
+  p = jax.nn.softmax(logits, -1)
+  eps = jax.nn.sigmoid(m)
+  p = (1 - eps) * p + eps * jax.nn.softmax(b)
+  return -jnp.sum(jnp.log2(jnp.take_along_axis(p, idx.reshape(-1, 1), -1)))
+
+
+@pytest.mark.parametrize("mode", ["exact", "scaled", "off"])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_codebook_and_prior_get_the_exact_gradient_of_the_bits(mode, chunk):
+  """In every straight-through mode the codebook, mu, sigma, the static logits and the
+  mixture weight receive jax.grad of the independent formula: the encoder's pull is on
+  top of, never instead of, the codebook's gradient."""
+  mu, sigma, codebook = random_inputs(11, (2, 9), 48, 4, sigma_range=(0.2, 1.5))
+  rng = np.random.default_rng(12)
+  idx = jnp.asarray(rng.integers(0, 48, size=(2, 9)))
+  b = jnp.asarray(rng.normal(size=48), jnp.float32)
+  m = jnp.float32(-1.0)
+  y = jnp.asarray(codebook)[idx] + 0.05
+  ours = lambda cb, mu_, s_, b_, m_: jnp.sum(rate.index_bits(
+      mu_, s_, cb, idx, y=y, chunk_size=chunk, straight_through_mode=mode, log_prior=b_,
+      mix_logit=m_))
+  args = (jnp.asarray(codebook), jnp.asarray(mu), jnp.asarray(sigma), b, m)
+  got = jax.grad(ours, argnums=(0, 1, 2, 3, 4))(*args)
+  want = jax.grad(_reference_bits, argnums=(0, 1, 2, 3, 4))(*args, idx)
+  for g, w, name in zip(got, want, ("codebook", "mu", "sigma", "log_prior", "mix_logit")):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_chosen_entry_is_pulled_toward_mu():
+  """One position, no bias: d bits / d e_k* = (1 - p_k*)(e_k* - mu) / (sigma^2 ln 2)
+  (numpy), so a gradient step moves the chosen entry toward mu and lowers its cost."""
+  mu, sigma, codebook = random_inputs(13, (1,), 16, 4, sigma_range=(0.5, 1.0))
+  k = 3
+  g = np.asarray(jax.grad(lambda cb: rate.index_bits(mu, sigma, cb, jnp.asarray([k]),
+                                                     y=jnp.asarray(codebook[[k]]))[0])(
+      jnp.asarray(codebook)))
+  p = np.exp(reference_log_probs(mu, sigma, codebook))[0, k]
+  want = (1 - p) * (codebook[k] - mu[0]) / sigma[0] ** 2 / np.log(2)
+  np.testing.assert_allclose(g[k], want, rtol=1e-4)
+  step = codebook.copy()
+  step[k] -= 0.01 * g[k]
+  before = float(rate.index_bits(mu, sigma, codebook, jnp.asarray([k]))[0])
+  after = float(rate.index_bits(mu, sigma, step, jnp.asarray([k]))[0])
+  assert after < before

@@ -54,26 +54,21 @@ def index_log_probs(mu: jax.Array, sigma: jax.Array, codebook: jax.Array,
   return lp
 
 
-def straight_through(y: jax.Array, chosen: jax.Array) -> jax.Array:
-  """y + stop_gradient(e_k* - y): forward value e_k*, gradient into y.
+def encoder_pull(entry: jax.Array, y: jax.Array, scale=1.0) -> jax.Array:
+  """entry + (y - stop_gradient(y)) * scale: forward value e_k*, the codebook's exact
+  gradient through `entry`, and, on top of it, a straight-through pull of the encoder's y.
 
-  Used as the chosen entry in the rate so the forward bits are exact and the backward
-  pass pulls the encoder's y toward likely entries (our choice, METHOD.md).
+  The codebook must receive the exact gradient of the bits it is priced at (METHOD.md,
+  corrected 2026-11-26): for the chosen entry (1 - p_k)(e_k - mu) / (sigma^2 ln 2), a pull
+  toward mu. The former `y + stop_gradient(e_k - y)` cut the chosen entry's own term and
+  left only -p_k (e_k - mu) / (sigma^2 ln 2) from the normaliser, pushing e_k away from mu.
+  The encoder's pull is our choice (config `model.rate_straight_through`): 'exact' gives
+  y the chosen term's gradient (e_k - mu) / (sigma^2 ln 2); 'scaled' multiplies it by
+  stop_gradient(sigma^2), a bounded (e_k - mu) / ln 2 (the unscaled pull drove y away
+  from the codebook in training: VQ loss 1e4 within 200 steps of the tiny config); 'off'
+  gives y nothing.
   """
-  return y + jax.lax.stop_gradient(chosen - y)
-
-
-def sigma_scaled_straight_through(y: jax.Array, chosen: jax.Array, sigma: jax.Array) -> jax.Array:
-  """Forward value e_k*, gradient into y scaled by stop_gradient(sigma^2).
-
-  The exact straight-through gradient of the rate, (e_k* - mu) / sigma^2, is unbounded
-  as the prior sharpens: in training it drove y away from the codebook (VQ loss 1e4
-  within 200 steps of the tiny config). Scaled by sigma^2 it is (e_k* - mu): a pull of
-  y toward the predicted mean, proportional to the distance. Our choice; config
-  `model.rate_straight_through` picks 'exact', 'scaled' or 'off'.
-  """
-  s2 = jax.lax.stop_gradient(sigma * sigma)
-  return jax.lax.stop_gradient(chosen) + (y - jax.lax.stop_gradient(y)) * s2
+  return entry + (y - jax.lax.stop_gradient(y)) * scale
 
 
 def _bits_flat(mu, sigma, chosen, chosen_prior, codebook, log_prior, mix_logit=None):
@@ -93,9 +88,9 @@ def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: ja
                mix_logit: Optional[jax.Array] = None) -> jax.Array:
   """-log2 p(indices | mu, sigma): mu, sigma [..., D], indices [...] -> bits [...] (f32).
 
-  With `y` (the encoder's continuous vector, [..., D]) the chosen entry enters through
-  `straight_through(y, e_k*)` (mode 'exact') or `sigma_scaled_straight_through` (mode
-  'scaled'): same value, gradient into the encoder.
+  The codebook always receives the exact gradient of these bits. With `y` (the encoder's
+  continuous vector, [..., D]) the chosen entry also pulls y (`encoder_pull`, mode
+  'exact' or 'scaled'; 'off' or y=None: no gradient into the encoder).
   With `chunk_size`, positions are priced `chunk_size` at a time, rematerialised in the
   backward pass, so peak memory is [chunk_size, K] rather than [positions, K].
   """
@@ -104,17 +99,17 @@ def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: ja
   dim = codebook.shape[-1]
   log_prior = (jnp.zeros(codebook.shape[:1], jnp.float32) if log_prior is None
                else log_prior.astype(jnp.float32))
-  chosen = jnp.take(codebook, indices, axis=0)
+  chosen = jnp.take(codebook, indices, axis=0)       # carries the codebook's gradient
   chosen_prior = jnp.take(log_prior, indices, axis=0).reshape(-1)
-  if y is not None:
+  if y is not None and straight_through_mode != "off":
     if straight_through_mode == "exact":
-      chosen = straight_through(y.astype(jnp.float32), chosen)
+      scale = 1.0
     elif straight_through_mode == "scaled":
-      chosen = sigma_scaled_straight_through(y.astype(jnp.float32), chosen,
-                                             sigma.astype(jnp.float32))
+      scale = jax.lax.stop_gradient(jnp.square(sigma.astype(jnp.float32)))
     else:
-      raise ValueError(f"straight_through_mode must be 'exact' or 'scaled', "
+      raise ValueError(f"straight_through_mode must be 'exact', 'scaled' or 'off', "
                        f"got {straight_through_mode!r}")
+    chosen = encoder_pull(chosen, y.astype(jnp.float32), scale)
   lead = batch_shape[0] if batch_shape else 1
   mu = mu.astype(jnp.float32).reshape(lead, -1, dim)
   sigma = sigma.astype(jnp.float32).reshape(lead, -1, dim)

@@ -227,7 +227,7 @@ class HVQ(nn.Module):
         if hyper_on:
           hp = self.hyper[k](v, training, zm.get(g))
           per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[k].entries(), idx,
-                                    y=None if c.rate_straight_through == "off" else vq["y"],
+                                    y=vq["y"],
                                     chunk_size=c.rate_chunk or None,
                                     straight_through_mode=c.rate_straight_through,
                                     log_prior=self.hyper[k].log_prior(),
