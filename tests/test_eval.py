@@ -194,3 +194,30 @@ def test_eval_cli_errors(micro_ckpt, tmp_path):
   assert r.returncode != 0 and "not a folder" in r.stderr and "Traceback" not in r.stderr
   r = run("--checkpoint", micro_ckpt, "--out", str(tmp_path / "o"), "--ratios", "0.5,0.6,0.1")
   assert r.returncode != 0 and "ratios" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_color_metrics():
+  rng = np.random.default_rng(0)
+  img = rng.integers(40, 200, (32, 48, 3)).astype(np.uint8)
+  shifted = np.clip(img.astype(int) + np.array([6, -3, 0]), 0, 255).astype(np.uint8)
+  assert metrics.color_shift(img, shifted) == pytest.approx(3.0)
+  assert metrics.color_shift(img, img) == 0 and metrics.ciede2000(img, img) == 0
+  grey = np.repeat(img.mean(-1, keepdims=True), 3, -1).astype(np.uint8)
+  assert metrics.ciede2000(img, grey) > metrics.ciede2000(img, shifted) > 0
+
+
+def test_prior_diagnostics_on_a_known_prior(micro_codec):
+  """mu on the chosen entry with a tiny sigma: distance 0, it is the mode, ~0 bits;
+  mu far from it: the Gaussian's bits equal the float64 softmax reference."""
+  cm = micro_codec
+  t = cm.tables["fine"]
+  e = t.codebook.astype(np.float64) / 2.0 ** t.mu_bits
+  k = 5
+  mu = np.stack([t.codebook[k], t.codebook[k] + (1 << (t.mu_bits - 1))])
+  ls = np.stack([np.full(e.shape[1], t.ls_lo), np.zeros(e.shape[1])]).astype(np.int32)
+  d = evaluate.prior_diagnostics(cm, {"fine": np.array([k, k])}, {"fine": (mu, ls)})["fine"]
+  assert d[0, 0] < 1e-6 and d[0, 1] == 0 and d[0, 3] == 1
+  logit = -0.5 * ((e - (e[k] + 0.5)) ** 2).sum(-1)
+  want = (np.log(np.exp(logit - logit.max()).sum()) + logit.max() - logit[k]) / np.log(2)
+  assert d[1, 0] == pytest.approx(want, rel=1e-9)
+  assert d[1, 1] == pytest.approx(0.5) and d[1, 2] == 0

@@ -89,8 +89,9 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
   With `target_bpp` the rate settings are searched (`search_rate`, starting from
   `ratios`). `timings`, if given, receives seconds per stage (model, pmf, range_coding);
   `stats` receives each stream's exact code length in bits (`bits`: map, z, y_coarse,
-  ...), the same per branch (`branch_bits`: {branch: {y, z, n}}) and the sent indices
-  {branch: int32 [n]} (`indices`), for evaluation.
+  ...), the same per branch (`branch_bits`: {branch: {y, z, n}}), the sent indices
+  {branch: int32 [n]} (`indices`) and the integer prior at those positions (`priors`:
+  {branch: (mu [n, D], log-sigma index [n, D])}), for evaluation.
   """
   img = prepare_image(model, image)
   if target_bpp is not None:
@@ -136,7 +137,8 @@ def _fill_stats(stats: dict, rec: "streams.Recorder", counts) -> None:
       d["n"] += len(sym) if st.kind == "y" else 0
     if st.kind == "y":
       indices[st.branch] = sym
-  stats.update(bits=bits, branch_bits=per_branch, indices=indices, counts=tuple(counts))
+  stats.update(bits=bits, branch_bits=per_branch, indices=indices, counts=tuple(counts),
+               priors=rec.priors)
 
 
 def decompress(model: CodecModel, data: bytes, timings: Optional[dict] = None) -> np.ndarray:

@@ -33,6 +33,7 @@ class Recorder:
     self.known = known
     self.streams = []
     self.names = []
+    self.priors = {}   # branch -> integer (mu, log-sigma) at the sent positions
     self._digest = _digest_start(h, w, counts)
 
   def code(self, stream: layout.Stream, weights: np.ndarray, where=None) -> np.ndarray:
@@ -45,6 +46,9 @@ class Recorder:
 
   def digest(self) -> bytes:
     return self._digest.digest()[:8]
+
+  def observe(self, stream: layout.Stream, mu: np.ndarray, ls: np.ndarray) -> None:
+    self.priors[stream.branch] = (mu, ls)
 
 
 class Reader:
@@ -117,6 +121,8 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
           mu, ls = integer.synthesis(t, z_hat[st.branch], grids[st.granularity])
         with timer("pmf"):
           w = index_weights(st.branch, mu[mask], ls[mask])
+        if hasattr(io, "observe"):   # evaluation: what the prior predicted at sent positions
+          io.observe(st, mu[mask], ls[mask])
       else:
         w = np.broadcast_to(t.static, (int(mask.sum()), t.static.size))
       with timer("range_coding"):

@@ -26,7 +26,7 @@ from hvq_jax.evaluation import static_prior
 from hvq_jax import images as images_lib
 
 FIELDS = ("image", "method", "setting", "lmbda", "ratios", "quality", "bytes", "bpp", "psnr",
-          "ms_ssim", "lpips", "bits_hyperprior", "bits_static", "bits_huffman", "bits_fixed",
+          "ms_ssim", "lpips", "color_shift", "ciede2000", "bits_hyperprior", "bits_static", "bits_huffman", "bits_fixed",
           "est_bits_y", "est_bits_z", "est_bits_map", "saving_vs_static", "saving_vs_huffman", "saving_vs_fixed")
 CONTAINER_BITS = 8 * bitstream.CONTAINER_BYTES
 
@@ -76,7 +76,35 @@ def _quality(orig, rec, lp) -> Dict[str, Optional[float]]:
     ms = metrics.ms_ssim(orig, rec)
   except ValueError:
     ms = None  # smaller than MS-SSIM's 5 scales allow
-  return dict(psnr=metrics.psnr(orig, rec), ms_ssim=ms, lpips=lp(orig, rec))
+  return dict(psnr=metrics.psnr(orig, rec), ms_ssim=ms, lpips=lp(orig, rec),
+              color_shift=metrics.color_shift(orig, rec), ciede2000=metrics.ciede2000(orig, rec))
+
+
+def prior_diagnostics(cmodel, indices, priors) -> Dict[str, np.ndarray]:
+  """What limits the hyperprior, per sent index of each branch (float64, from the integer
+  prior the file was coded with): the Gaussian's own bits (no static logits, no mixture),
+  the RMS per-dimension distance of the chosen entry from mu in units of sigma, mean
+  log2 sigma, and whether the chosen entry was the Gaussian's most likely one."""
+  out = {}
+  for k, (mu_q, ls_q) in priors.items():
+    t = cmodel.tables[k]
+    e = t.codebook.astype(np.float64) / 2.0 ** t.mu_bits
+    mu = mu_q.astype(np.float64) / 2.0 ** t.mu_bits
+    sigma = np.exp(ls_q.astype(np.float64) / 256.0)
+    idx = np.asarray(indices[k])
+    rows = []
+    for s in range(0, len(idx), 2048):
+      d = (e[None] - mu[s:s + 2048, None]) / sigma[s:s + 2048, None]
+      logit = -0.5 * (d * d).sum(-1)
+      lse = logit.max(-1) + np.log(np.exp(logit - logit.max(-1, keepdims=True)).sum(-1))
+      i = idx[s:s + 2048]
+      chosen = logit[np.arange(len(i)), i]
+      rows.append(np.stack([(lse - chosen) / np.log(2),
+                            np.sqrt(-2 * chosen / e.shape[1]),
+                            np.log2(sigma[s:s + 2048]).mean(-1),
+                            (logit.argmax(-1) == i).astype(np.float64)], -1))
+    out[k] = np.concatenate(rows) if rows else np.zeros((0, 4))
+  return out
 
 
 def parse_settings(lmbdas: Optional[str], ratios: Optional[str], cmodel) -> List[Dict]:
@@ -104,6 +132,7 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
            for s in tqdm(settings, desc="fit static histograms", disable=not progress)}
   todo = [(n, s) for n in images for s in settings]
   branch_bits = {}    # branch -> [hyperprior y bits, z bits, static bits, indices]
+  diag = {}           # branch -> [gaussian bits, mahalanobis, log2 sigma, mode hit] sums
   for name, s in tqdm(todo, desc="hvq", disable=not progress):
     img = images[name]
     hw = img.shape[0] * img.shape[1]
@@ -118,6 +147,8 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
     for k, d in st["branch_bits"].items():
       acc = branch_bits.setdefault(k, np.zeros(4))
       acc += (d["y"], d["z"], priced["per_branch"].get(k, 0.0), d["n"])
+    for k, v in prior_diagnostics(cmodel, st["indices"], st.get("priors", {})).items():
+      diag.setdefault(k, np.zeros(4))[:] += v.sum(0)
     shared = CONTAINER_BITS + st["bits"]["map"]
     hyper = 8 * len(data)
     static_bits, huff_bits = priced["static"] + shared, priced["huffman"] + shared
@@ -145,8 +176,16 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
       # which streams the hyperprior wins or loses on (granularities; residual-VQ stages)
       per_branch_bits_per_index={
           k: dict(indices=int(n), hyperprior_y=y / n, z=z / n, static=st_ / n,
-                  saving_vs_static=1.0 - (y + z) / st_)
+                  saving_vs_static=1.0 - (y + z) / st_,
+                  **({} if k not in diag else dict(
+                      gaussian_y=diag[k][0] / n, chosen_mahalanobis_rms=diag[k][1] / n,
+                      log2_sigma=diag[k][2] / n, chosen_is_mode=diag[k][3] / n)))
           for k, (y, z, st_, n) in branch_bits.items() if n},
+      per_branch_note=("bits per sent index: hyperprior_y (the file's index bits), z, static "
+                       "(histogram fitted on the training photos); gaussian_y: the Gaussian "
+                       "alone, without the static logits and mixture; chosen_mahalanobis_rms: "
+                       "RMS per-dimension |e_k* - mu| / sigma; log2_sigma: mean over dims; "
+                       "chosen_is_mode: the chosen entry was the Gaussian's most likely"),
       command=command, seconds=time.time() - t0, images=list(images),
       checkpoint_fingerprint=cmodel.fingerprint.hex(),
       static_histogram_fit_on=list(fit_images),
@@ -203,7 +242,8 @@ def curves(rows: List[Dict]) -> Dict[str, List[Dict]]:
     for s in dict.fromkeys(r["setting"] for r in rows if r["method"] == m):
       rs = [r for r in rows if r["method"] == m and r["setting"] == s]
       pts.append(dict(setting=s, **{k: _mean([r.get(k) for r in rs])
-                                    for k in ("bpp", "psnr", "ms_ssim", "lpips")}))
+                                    for k in ("bpp", "psnr", "ms_ssim", "lpips", "color_shift",
+                                              "ciede2000")}))
     out[m] = sorted(pts, key=lambda p: p["bpp"])
   return out
 

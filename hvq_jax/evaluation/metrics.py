@@ -64,3 +64,19 @@ def ms_ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
         y = y[:h, :w].reshape(h // 2, 2, w // 2, 2).mean((1, 3))
     vals.append(np.prod(np.array(mcs) ** MS_SSIM_WEIGHTS[:4]) * max(s, 0.0) ** MS_SSIM_WEIGHTS[4])
   return float(np.mean(vals))
+
+
+def color_shift(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean absolute shift of the per-channel means (0-255 units): a hue or saturation
+  drift that PSNR barely sees (grass decoding grey-beige)."""
+  ma = np.asarray(a, np.float64).reshape(-1, 3).mean(0)
+  mb = np.asarray(b, np.float64).reshape(-1, 3).mean(0)
+  return float(np.abs(ma - mb).mean())
+
+
+def ciede2000(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean CIEDE2000 colour difference (scikit-image, sRGB -> CIELAB D65)."""
+  from skimage import color
+  la = color.rgb2lab(np.asarray(a, np.uint8))
+  lb = color.rgb2lab(np.asarray(b, np.uint8))
+  return float(color.deltaE_ciede2000(la, lb).mean())
