@@ -1,18 +1,27 @@
 """Training-step throughput: step time, images/s, compile time, peak memory, FLOPs/image.
 
   python benchmarks/train_step.py --config configs/default.py --batch 8 --size 256 \\
-      [--mesh '(-1,1)'] [--steps 10] [--dtype bfloat16] [--remat]
+      [--mesh '(-1,1)'] [--steps 10] [--dtype bfloat16] [--remat] [--profile DIR]
 
 Runs the real jitted, sharded `Trainer.train_step` on random uint8 batches. FLOPs come
 from XLA's cost analysis of the compiled step (forward + backward + optimiser), so
 MFU = flops_per_step / step_time / peak_flops_of_the_chips. Peak memory is XLA's
 memory analysis of the compiled step, plus the allocator's peak on GPU/TPU. Saves JSON
 under benchmarks/results/.
+
+--profile DIR writes a `jax.profiler` trace of a few steps (TensorBoard / Perfetto) and
+attributes the device time of every executed XLA op to a part of the step through the
+op's source metadata (flax module path and our named scopes): convolutions, GroupNorm,
+attention, the K-way rate softmax, the hyperprior networks, the optimiser, the rest.
+The shares are printed and saved with the figures.
 """
 import argparse
 import ast
+import glob
+import gzip
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -29,6 +38,55 @@ def load_config(path):
   return mod.get_config()
 
 
+# (category, pattern on an op's metadata op_name or its name), first match wins
+CATEGORIES = (
+    ("rate softmax (K-way index model)", r"rate_softmax"),
+    ("hyperprior networks", r"/hyper_|bottleneck"),
+    ("discriminator", r"disc|PatchGAN"),
+    ("optimiser", r"optimizer|adam|clip_by_global_norm|apply_if_finite"),
+    ("convolutions", r"conv_general_dilated|convolution"),
+    ("attention", r"attn"),
+    ("GroupNorm (incl. spatial norm)", r"norm"),
+)
+
+
+def _op_metadata(hlo_text: str) -> dict:
+  """instruction name -> op_name metadata, from the compiled HLO text."""
+  out = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"([^\"]*)\"", hlo_text, re.M):
+    out[m.group(1)] = m.group(2)
+  return out
+
+
+def profile_shares(trace_dir: str, hlo_text: str) -> dict:
+  """Device time per category from the newest Perfetto trace under trace_dir."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")))
+  with gzip.open(files[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  meta = _op_metadata(hlo_text)
+  per_cat, per_op = {}, {}
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    name = e.get("name", "")
+    args = e.get("args", {}) or {}
+    op = args.get("hlo_op") or args.get("long_name") or name
+    op = op.split(" ")[0].lstrip("%")
+    if op not in meta and name not in meta:
+      continue                                 # host-side runtime events, not XLA ops
+    where = meta.get(op) or meta.get(name, "")
+    cat = next((c for c, pat in CATEGORIES if re.search(pat, where + " " + op, re.I)), "other")
+    per_cat[cat] = per_cat.get(cat, 0.0) + e.get("dur", 0.0)
+    per_op[op] = per_op.get(op, 0.0) + e.get("dur", 0.0)
+  total = sum(per_cat.values()) or 1.0
+  return dict(
+      trace=files[-1], total_op_time_us=total,
+      share={c: t / total for c, t in sorted(per_cat.items(), key=lambda x: -x[1])},
+      top_ops=[dict(op=o, share=t / total, where=meta.get(o, ""))
+               for o, t in sorted(per_op.items(), key=lambda x: -x[1])[:15]])
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--config", default="configs/default.py")
@@ -40,6 +98,7 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--gan", action="store_true", help="include the discriminator/GAN terms")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--profile", default=None, help="write a jax.profiler trace here and print shares")
   a = ap.parse_args()
   c = load_config(a.config)
   c.train.batch_size, c.image_size = a.batch, a.size
@@ -71,6 +130,14 @@ def main():
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
   step = float(np.median(times))
+  shares = None
+  if a.profile:
+    jax.profiler.start_trace(a.profile, create_perfetto_trace=True)
+    for _ in range(3):
+      state, m = compiled(state, batch)
+      jax.block_until_ready(m)
+    jax.profiler.stop_trace()
+    shares = profile_shares(a.profile, compiled.as_text())
   dev = jax.devices()[0]
   peak_alloc = None
   try:
@@ -88,7 +155,7 @@ def main():
           arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
           temporaries=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes)
       if mem is not None else None,
-      peak_bytes_in_use=peak_alloc, loss=float(m["loss"]))
+      peak_bytes_in_use=peak_alloc, loss=float(m["loss"]), profile=shares)
   out = a.out or f"benchmarks/results/train_step_{jax.default_backend()}_b{a.batch}_s{a.size}.json"
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:

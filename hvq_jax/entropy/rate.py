@@ -81,6 +81,18 @@ def _bits_flat(mu, sigma, chosen, chosen_prior, codebook, log_prior, mix_logit=N
   return -lp / LN2
 
 
+def _scoped(fn):
+  """Run under jax.named_scope('rate_softmax'): profiles attribute its ops to the rate model."""
+  import functools
+
+  @functools.wraps(fn)
+  def wrapped(*a, **k):
+    with jax.named_scope("rate_softmax"):
+      return fn(*a, **k)
+  return wrapped
+
+
+@_scoped
 def index_bits(mu: jax.Array, sigma: jax.Array, codebook: jax.Array, indices: jax.Array,
                y: Optional[jax.Array] = None,
                chunk_size: Optional[int] = None, straight_through_mode: str = "exact",
