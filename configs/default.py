@@ -72,7 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
       axes=("data", "fsdp"), shape=(-1, 1), fsdp_min_size=2 ** 18))
   # Real entropy coding (hvq_jax/codec, entropy/integer.py): z_hat is clipped to
   # [-z_range, z_range] before it is coded; the integer hyper-synthesis' weight precision;
-  # the largest image accepted; index-weight positions built at once on the device.
+  # the largest image accepted; index-weight positions built at once on the device; the
+  # memory one image may take (GB; 0: 75% of the device's), from which the largest
+  # codable size follows (codec/coder.py memory_estimate: the decoder's global attention
+  # at its top stride grows with the square of the pixel count).
   config.codec = ml_collections.ConfigDict(dict(
-      z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048))
+      z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048,
+      memory_budget_gb=0.0))
   return config

@@ -22,8 +22,12 @@ from hvq_jax.nn import model as model_lib
 
 # z_range: z_hat is clipped to [-z_range, z_range] before it is coded; weight_bits: the
 # integer hyper-synthesis' weights; max_pixels: the largest image accepted;
-# index_chunk: positions whose index weights are built at once (device memory).
-DEFAULT_CODEC = dict(z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048)
+# index_chunk: positions whose index weights are built at once (device memory);
+# memory_budget_gb: what one image may take to code (coder.memory_estimate: attention,
+# activations, index weights); 0: 75% of the device's memory. Larger images are refused
+# before any work, with the largest size that fits.
+DEFAULT_CODEC = dict(z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048,
+                     memory_budget_gb=0.0)
 
 
 class CheckpointError(FileNotFoundError):
