@@ -246,14 +246,17 @@ def _quantize_layer(kernel, bias, in_bits: int, out_bits, weight_bits: int,
 
 
 def _check_bounds(layers, in_max: int) -> None:
-  """Prove no accumulator leaves the exact ranges: |acc| < 2^53 (float64 matmul exact),
-  |acc * mult + bias| < 2^62 (int64 requantisation)."""
-  a_max = in_max
+  """Prove no accumulator leaves the exact ranges: |acc| < 2^53 (float64 matmul exact) and
+  |acc * mult + bias + 2^(shift-1)| < 2^63 (int64 requantisation). Bounds in float64,
+  which only overestimate here."""
+  a_max = float(in_max)
   for i, l in enumerate(layers):
-    acc = np.abs(l.weight).reshape(-1, l.weight.shape[-1]).sum(0) * a_max
-    if acc.max() >= 2 ** 53 or (acc * l.mult + np.abs(l.bias) + (1 << 61)).max() >= 2 ** 63 - 2 ** 61:
-      raise IntegerModelError(f"hyper-synthesis layer {i}: integer accumulator bound exceeded")
-    a_max = ACT_MAX
+    acc = np.abs(l.weight).reshape(-1, l.weight.shape[-1]).astype(np.float64).sum(0) * a_max
+    total = acc * l.mult + np.abs(l.bias) + np.ldexp(1.0, (l.shift - 1).astype(np.int32))
+    if acc.max() >= 2.0 ** 53 or total.max() >= 2.0 ** 62:
+      raise IntegerModelError(f"hyper-synthesis layer {i}: integer accumulator bound exceeded "
+                              f"(|acc| up to {acc.max():.3g}); lower codec.weight_bits")
+    a_max = float(ACT_MAX)
 
 
 def index_tables(codebook: np.ndarray, logits: Optional[np.ndarray], mix: Optional[float],
