@@ -120,6 +120,20 @@ def test_unknown_variant_and_grid():
   assert "--config.train.num_steps=5" in plan[0][1] and plan[1][1][2] == "configs/ablations.py:single_scale"
 
 
+def test_sweep_plug_in_runs_follow_hyperprior_off_runs():
+  plan = sweep.plan("configs/ablations.py", "W", ["base", "hyperprior_off"], "", [], plug_in=True,
+                    plug_in_steps=7)
+  assert [p[0] for p in plan] == ["W/base", "W/hyperprior_off", "W/hyperprior_off__plug_in"]
+  t = plan[2][1]
+  assert t[t.index("--workdir") + 1] == "W/hyperprior_off__plug_in"
+  for flag in ("--config.model.hyperprior.enabled=True", "--config.train.init_from=W/hyperprior_off",
+               "--config.train.trainable=prior", "--config.train.num_steps=7"):
+    assert flag in t
+  grid = sweep.plan("configs/tiny_cpu.py", "W", [], "model.hyperprior.enabled=True,False", [],
+                    plug_in=True)
+  assert [p[0] for p in grid][-1] == "W/enabled=False__plug_in" and len(grid) == 3
+
+
 def test_sweep_collects_tables(tmp_path):
   """collect() reads each run's eval/summary.json into table.* and branches.*."""
   import csv

@@ -53,25 +53,52 @@ def run_name(variant: str, overrides: Dict[str, str]) -> str:
   return "".join(ch if ch.isalnum() or ch in "._=-" else "_" for ch in name)
 
 
+def _hyperprior_off(config: str, variant: str, overrides: Dict[str, str], extra) -> bool:
+  """Does this run train without the hyperprior (a tokenizer a plug-in prior can serve)?"""
+  flags = {k: v for k, v in overrides.items()}
+  flags.update(dict(x[len("--config."):].split("=", 1) for x in extra if "=" in x))
+  if "model.hyperprior.enabled" in flags:
+    return flags["model.hyperprior.enabled"].strip().lower() in ("false", "0")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("sweep_cfg", config)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(variant) if variant else mod.get_config()
+  return not c.model.hyperprior.get("enabled", True)
+
+
 def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
-         extra: Sequence[str]) -> List[Tuple[str, List[str], List[str]]]:
-  """[(run dir, train argv, eval argv)]"""
+         extra: Sequence[str], plug_in: bool = False, plug_in_steps: int = 0,
+         eval_extra: Sequence[str] = ()) -> List[Tuple[str, List[str], List[str]]]:
+  """[(run dir, train argv, eval argv)]. With `plug_in`, every run trained without the
+  hyperprior is followed by `RUN__plug_in`: its tokenizer (encoder, codebooks, decoder)
+  frozen from that run and only a hyperprior trained on the rate (issue 15's plug-in
+  prior: identical indices and reconstructions, fewer bits)."""
   runs = []
+  ev_args = lambda d: ["eval", "--checkpoint", d, "--out", os.path.join(d, "eval"),
+                       "--no-progress", "--baselines", ""] + list(eval_extra)
   for variant in (variants or [""]):
     cfg = f"{config}:{variant}" if variant else config
     for ov in expand_grid(grid or ""):
       d = os.path.join(workdir, run_name(variant, ov))
       train = ["train", "--config", cfg, "--workdir", d, "--noprogress"] + \
           [f"--config.{k}={v}" for k, v in ov.items()] + list(extra)
-      ev = ["eval", "--checkpoint", d, "--out", os.path.join(d, "eval"), "--no-progress",
-            "--baselines", ""]
-      runs.append((d, train, ev))
+      runs.append((d, train, ev_args(d)))
+      if plug_in and _hyperprior_off(config, variant, ov, extra):
+        dp = d + "__plug_in"
+        tp = [a for a in train if not a.startswith("--config.model.hyperprior.enabled=")]
+        tp[tp.index("--workdir") + 1] = dp
+        tp += ["--config.model.hyperprior.enabled=True", f"--config.train.init_from={d}",
+               "--config.train.trainable=prior"]
+        if plug_in_steps:
+          tp.append(f"--config.train.num_steps={plug_in_steps}")
+        runs.append((dp, tp, ev_args(dp)))
   return runs
 
 
 def _write_table(rows: List[Dict], fields: Sequence[str], path_stem: str) -> None:
   with open(path_stem + ".csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fields)
+    w = csv.DictWriter(f, fields, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
   fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -100,7 +127,8 @@ def collect(workdir: str, run_dirs: Sequence[str]) -> List[Dict]:
   _write_table(rows, ["run", "setting", "bpp", "psnr", "ms_ssim", "lpips", "saving_vs_static",
                       "run_saving_vs_static"], os.path.join(workdir, "table"))
   _write_table(branch_rows, ["run", "branch", "indices", "hyperprior_y", "z", "static",
-                             "saving_vs_static"], os.path.join(workdir, "branches"))
+                             "saving_vs_static", "gaussian_y", "chosen_mahalanobis_rms",
+                             "log2_sigma", "chosen_is_mode"], os.path.join(workdir, "branches"))
   return rows
 
 
@@ -112,13 +140,18 @@ def main(argv):
   ap.add_argument("--variants", default="", help="comma-separated names for get_config(NAME)")
   ap.add_argument("--grid", default="", help="'field=v1,v2 other.field=a,b' (cartesian product)")
   ap.add_argument("--print-only", action="store_true", help="print the commands, run nothing")
+  ap.add_argument("--plug-in", action="store_true",
+                  help="after each hyperprior-off run, train a plug-in hyperprior on its frozen tokenizer")
+  ap.add_argument("--plug-in-steps", type=int, default=0, help="steps of the plug-in runs (default: the config's)")
+  ap.add_argument("--lpips-weights", default=None, help="passed to hvq eval (LPIPS column)")
   a, extra = ap.parse_known_args(argv)   # --config.field=value overrides for every run
   bad = [x for x in extra if not x.startswith("--config.")]
   if bad:
     ap.error(f"unrecognized arguments: {' '.join(bad)}")
   a.extra = extra
   try:
-    runs = plan(a.config, a.workdir, split_top(a.variants), a.grid, a.extra)
+    runs = plan(a.config, a.workdir, split_top(a.variants), a.grid, a.extra, a.plug_in,
+                a.plug_in_steps, ["--lpips-weights", a.lpips_weights] if a.lpips_weights else [])
   except ValueError as e:
     sys.exit(f"hvq sweep: {e}")
   if a.print_only:
