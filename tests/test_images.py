@@ -312,3 +312,26 @@ def test_non_finite_params_are_refused_by_name(micro, bad):
   leaves[i] = jnp.asarray(broken)
   with pytest.raises(CheckpointError, match="NaN or Inf"):
     CodecModel(cfg, jax.tree.unflatten(tree, leaves))
+
+
+def test_hvq_compress_names_a_non_finite_checkpoint(micro, tmp_path):
+  """End to end: a checkpoint (as Orbax stores it) whose params hold a NaN; `hvq compress`
+  says so, exits non-zero and writes nothing."""
+  import subprocess
+  import sys
+  from hvq_jax import checkpoint as ckpt_lib
+  cfg, _, params = micro
+  leaves, tree = jax.tree.flatten(params)
+  leaves = [np.array(a) for a in leaves]
+  leaves[0].reshape(-1)[0] = np.nan
+  ck = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ck.save(0, {"params": jax.tree.unflatten(tree, leaves)}, config=cfg)
+  ck.close()
+  src = tmp_path / "a.png"
+  Image.fromarray(images.bundled_photo("coffee")[:32, :32]).save(src)
+  r = subprocess.run([sys.executable, "-m", "hvq_jax.cli", "compress", str(src), "-o",
+                      str(tmp_path / "a.hvq"), "--checkpoint", str(tmp_path / "ckpt")],
+                     capture_output=True, text=True)
+  assert r.returncode != 0 and "NaN or Inf" in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "a.hvq").exists()
