@@ -256,3 +256,14 @@ def test_index_weights_on_device_equal_numpy(cmodel, photo):
   ls = rng.integers(t.ls_lo, t.ls_hi + 1, (3000, cmodel.cfg.embed_dim))
   np.testing.assert_array_equal(cmodel.index_weights("fine", mu, ls),
                                 integer.branch_index_weights(t, mu, ls).astype(np.float32))
+
+
+def test_words_appended_to_the_payload_are_refused(cmodel, encoded):
+  """A payload with extra words (n_words and CRC fixed up) decodes the same symbols; the
+  decoder must still refuse it (found by benchmarks/fuzz_codec.py)."""
+  fmt = "<4sB8sIIf3I8sI"
+  fields = list(struct.unpack_from(fmt, encoded))
+  fields[-1] += 2
+  body = struct.pack(fmt, *fields) + encoded[struct.calcsize(fmt):-4] + bytes(8)
+  with pytest.raises(BitstreamError, match="after its last symbol"):
+    codec.decompress(cmodel, _with_crc(body))

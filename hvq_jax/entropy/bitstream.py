@@ -128,6 +128,11 @@ class StreamDecoder:
     self._dec = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(payload, np.uint32))
     self._family = _family()
 
+  def exhausted(self) -> bool:
+    """True when the payload holds nothing after the last decoded symbol (a range coder's
+    final words): extra words appended to a valid payload are then refused."""
+    return bool(self._dec.maybe_exhausted())
+
   def decode(self, probs: np.ndarray) -> np.ndarray:
     if probs.shape[0] == 0:
       return np.zeros((0,), np.int32)

@@ -66,6 +66,9 @@ class Reader:
   def digest(self) -> bytes:
     return self._digest.digest()[:8]
 
+  def exhausted(self) -> bool:
+    return self._dec.exhausted()
+
 
 def numpy_index_weights(tables: Dict[str, integer.BranchTables]):
   return lambda key, mu, ls: integer.branch_index_weights(tables[key], mu, ls)
@@ -163,4 +166,6 @@ def decode(tables, model_cfg, z_range: int, header, payload, hw, index_weights=N
     raise BitstreamError("decoded symbols do not match the file's symbol digest: it was "
                          "made with a different model or entropy path, or its payload "
                          "was altered")
+  if not reader.exhausted():
+    raise BitstreamError("payload has data after its last symbol")
   return gmap, indices

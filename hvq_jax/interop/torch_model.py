@@ -469,7 +469,7 @@ class HVQ(nn.Module):
     sent = layout.sent_masks(gmap.numpy(), s)
     zmask = layout.z_masks(sent, c.hyperprior.num_down)
     for g in GRANULARITIES:
-      m = torch.from_numpy(sent[g])
+      m = torch.from_numpy(np.array(sent[g]))
       any_sent = (m.flatten(1).sum(1) > 0).float()
       v = y[g]                                   # [B, D, h, w]: what the next stage quantises
       q[g], bits[f"y_{g}"], masks[g] = 0.0, torch.zeros(b), m
@@ -483,7 +483,7 @@ class HVQ(nn.Module):
           hb = getattr(self, f"hyper_{k}")
           z_hat = torch.round(hb.analysis(v))
           if c.hyperprior.get("mask_z", False):
-            zm = torch.from_numpy(zmask[g])
+            zm = torch.from_numpy(np.array(zmask[g]))
             z_hat = z_hat * zm[:, None].float()
           else:
             zm = torch.ones(z_hat.shape[0], *z_hat.shape[2:], dtype=torch.bool)
@@ -531,7 +531,7 @@ class HVQ(nn.Module):
     for k, g, _ in self.branches:
       e = self.codebooks(k).entries()[indices[k].long()]
       q[g] = q.get(g, 0.0) + e
-    q = {g: v * torch.from_numpy(masks[g])[..., None].float() for g, v in q.items()}
+    q = {g: v * torch.from_numpy(np.array(masks[g]))[..., None].float() for g, v in q.items()}
     return self.synthesize(q, gmap.long(), out_hw)
 
 
