@@ -32,43 +32,57 @@ def _train(argv):
   flags.DEFINE_string("workdir", "runs/tiny_cpu", "Where checkpoints and logs go.")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
   flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                    "jax.distributed.initialize(): auto = when launched on several hosts "
-                    "(TPU pod slice, SLURM with several tasks, or JAX_COORDINATOR_ADDRESS set).")
+                    "jax.distributed.initialize(): on = always (TPU VM slices, SLURM, Open MPI "
+                    "need no other flag); auto = when launched as one of several processes "
+                    "(SLURM step with several tasks, Open MPI, GKE TPU, a TPU VM slice, or "
+                    "JAX_COORDINATOR_ADDRESS / --coordinator set); off = never.")
   flags.DEFINE_string("coordinator", None, "host:port of process 0 (else from the environment)")
   flags.DEFINE_integer("num_processes", None, "number of processes (else from the environment)")
   flags.DEFINE_integer("process_id", None, "this process's index (else from the environment)")
+  flags.DEFINE_string("local_device_ids", None,
+                      "GPUs this process drives, e.g. 0,1,2,3 (else: SLURM one task per GPU, "
+                      "or the task's block of the node's GPUs)")
+  flags.DEFINE_bool("allow_config_change", False,
+                    "Resume although settings that change what the run computes (lr, loss "
+                    "weights, batch size, ...) differ from the checkpoint's config.")
   config_flags.DEFINE_config_file("config", _default_config_path(), "Training config file.",
                                   lock_config=True)
 
   def main(_):
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
+    from hvq_jax import checkpoint as ckpt_lib
     from hvq_jax.nn import model as model_lib
-    from hvq_jax.training import train
+    from hvq_jax.training import distributed, train
     f = flags.FLAGS
-    if f.distributed == "on" or (f.distributed == "auto" and (f.coordinator or _multihost_env())):
-      import jax
-      jax.distributed.initialize(f.coordinator, f.num_processes, f.process_id)
     try:
-      train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
-                               progress=flags.FLAGS.progress)
-    except (model_lib.ConfigError, FileNotFoundError) as e:
+      p = distributed.plan(f.distributed, os.environ, f.coordinator, f.num_processes,
+                           f.process_id, f.local_device_ids)
+    except distributed.DistributedError as e:
       sys.exit(f"hvq train: {e}")
+    if p is not None:
+      print(f"hvq train: jax.distributed.initialize({_kwargs_text(p['kwargs'])}): {p['reason']}",
+            flush=True)
+      try:
+        distributed.initialize(p)
+      except (ValueError, RuntimeError) as e:
+        sys.exit(f"hvq train: jax.distributed.initialize() failed ({e}); on a single machine "
+                 "use --distributed=off, elsewhere check the launcher's environment")
+    try:
+      out = train.train_and_evaluate(f.config, f.workdir, progress=f.progress,
+                                     allow_config_change=f.allow_config_change)
+    except (model_lib.ConfigError, FileNotFoundError, ckpt_lib.CheckpointMismatch,
+            train.TrainingDiverged) as e:
+      sys.exit(f"hvq train: {e}")
+    if out["preempted"]:
+      # A distinct code: SLURM requeues on it and the TPU launcher resumes.
+      sys.exit(train.PREEMPTED_EXIT_CODE)
 
   app.run(main, argv=["hvq train"] + argv)
 
 
-def _multihost_env() -> bool:
-  """Launched as one of several processes? (TPU pod slice, SLURM, MPI, explicit.)"""
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
-    return True
-  for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if int(env.get(key, "1") or 1) > 1:
-      return True
-  return False
+def _kwargs_text(kwargs) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 def _inputs(paths, extensions):
@@ -83,6 +97,27 @@ def _inputs(paths, extensions):
   return files, folder or len(files) > 1
 
 
+def _output_names(files, out_dir: str, ext: str):
+  """Output path per input (`a.png` -> OUT/a.hvq). Two inputs that would write one output
+  (`a.png` and `a.jpg`, or `x/a.png` and `y/a.png`) are refused, naming both."""
+  outs, seen = [], {}
+  for path in files:
+    out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ext)
+    key = os.path.normcase(os.path.abspath(out))
+    if key in seen:
+      raise ValueError(f"{seen[key]} and {path} would both be written to {out}: rename one, "
+                       f"or code them into different output folders")
+    seen[key] = path
+    outs.append(out)
+  return outs
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def _atomic_write(path: str, write) -> None:
   """Write through a temporary file in the same folder, then rename: never a half file."""
   import tempfile
@@ -92,6 +127,9 @@ def _atomic_write(path: str, write) -> None:
   os.close(fd)
   try:
     write(tmp)
+    # mkstemp creates 0600; the output gets the mode every other tool gives a new file
+    # (0666 less the umask: 0644 under umask 022).
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -127,6 +165,13 @@ def _codec_command(cmd, argv):
   files, to_folder = _inputs(a.inputs, exts)
   if not files:
     sys.exit(f"hvq {cmd}: no inputs found in {a.inputs}")
+  if to_folder:
+    try:
+      outs = _output_names(files, a.out, ".hvq" if cmd == "compress" else ".png")
+    except ValueError as e:
+      sys.exit(f"hvq {cmd}: {e}")
+  else:
+    outs = [a.out]
   ratios = None
   if cmd == "compress" and a.ratios:
     try:
@@ -152,9 +197,8 @@ def _codec_command(cmd, argv):
   except codec.CheckpointError as e:
     sys.exit(f"hvq {cmd}: {e}")
   failures = 0
-  for path in tqdm(files, disable=a.no_progress or len(files) == 1, unit="img"):
-    stem = os.path.splitext(os.path.basename(path))[0]
-    out = os.path.join(a.out, stem + (".hvq" if cmd == "compress" else ".png")) if to_folder else a.out
+  for path, out in tqdm(list(zip(files, outs)), disable=a.no_progress or len(files) == 1,
+                        unit="img"):
     try:
       if cmd == "compress":
         data = codec.compress(model, images.read_image(path), lmbda=a.lmbda, ratios=ratios,

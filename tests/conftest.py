@@ -24,6 +24,65 @@ def micro_config():
   return cfg
 
 
+TRAIN_STEPS = 3
+
+
+def train_config(num_steps=TRAIN_STEPS):
+  """The micro model as the training tests run it: 64 px, batch 2, three steps, past
+  warmup from step 1, two accumulated micro-batches, the GAN on from step 0."""
+  c = micro_config()
+  c.image_size = 64
+  c.train.batch_size, c.train.num_steps = 2, num_steps
+  c.train.log_every, c.train.ckpt_every, c.train.keep = 1, 2, 10
+  c.train.async_checkpoint = False
+  c.train.warmup_steps = 1          # steps 2 and 3 run on the cosine decay, past warmup
+  c.train.grad_accum = 2            # two micro-batches of one image
+  c.loss.w_gan, c.loss.disc_start = 0.1, 0   # GAN and adaptive weight from step 0
+  c.eval.enabled = False
+  return c
+
+
+@pytest.fixture(scope="session")
+def trainer():
+  """One Trainer for train_config(): its step compiles once for every file that trains."""
+  from hvq_jax.training import train
+  return train.Trainer(train_config())
+
+
+@pytest.fixture(scope="session")
+def straight(trainer, tmp_path_factory):
+  """The uninterrupted run of train_config() (checkpoints at steps 0, 2 and 3): the
+  reference every resumed run is compared with. (workdir, final state on the host)"""
+  from hvq_jax.training import train
+  wd = str(tmp_path_factory.mktemp("straight"))
+  out = train.train_and_evaluate(train_config(), wd, progress=False, trainer=trainer)
+  return wd, jax.device_get(out["state"])
+
+
+def _restore(saved):
+  if os.environ != saved:
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+  """Tests that set environment variables (HVQ_LPIPS_DIR, XLA_FLAGS, ...) leave the next
+  test the environment it had."""
+  saved = dict(os.environ)
+  yield
+  _restore(saved)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_module_environment():
+  """The same for module fixtures that set variables (test_eval's HVQ_LPIPS_DIR): the
+  next module starts with the environment the session had."""
+  saved = dict(os.environ)
+  yield
+  _restore(saved)
+
+
 @pytest.fixture(scope="session")
 def micro():
   cfg = micro_config()

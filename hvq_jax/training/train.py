@@ -7,6 +7,7 @@ Lambda is sampled per example from config.rd.lambdas and fed to the networks.
 """
 import functools
 import json
+import math
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import ml_collections
+from etils import epath
 
 from hvq_jax import checkpoint as ckpt_lib
 from hvq_jax.nn import codebook as codebook_lib
@@ -55,8 +57,28 @@ def make_optimizer(tc, lr: float) -> optax.GradientTransformation:
       0.0, lr, max(tc.warmup_steps, 1), max(tc.num_steps, tc.warmup_steps + 1), lr * tc.final_lr_frac)
   opt = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                     optax.adam(sched, b1=tc.b1, b2=tc.b2))
-  # A non-finite update is dropped (params and moments unchanged) and counted.
-  return optax.apply_if_finite(opt, max_consecutive_errors=tc.max_bad_steps)
+  # A non-finite update is dropped (params and moments unchanged) and counted, however
+  # many come in a row: optax would apply the NaN update after `max_consecutive_errors`,
+  # so that limit is never reached here; train_and_evaluate stops the run instead after
+  # train.max_bad_steps consecutive bad steps.
+  return optax.apply_if_finite(opt, max_consecutive_errors=2 ** 30)
+
+
+def guarded_update(opt, grads, opt_state, params):
+  """One optimiser step that is dropped whole when the gradients or the resulting update
+  are non-finite. optax.apply_if_finite looks at the gradients only: a NaN made inside
+  the optimiser (its moments) would reach the params. Keeps apply_if_finite's state,
+  counting a dropped update in `notfinite_count` as it does."""
+  updates, new_state = opt.update(grads, opt_state, params)
+  # (one reduction: a per-leaf isfinite made XLA's compile take 6x the memory)
+  ok = jnp.isfinite(optax.global_norm(updates))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_params = keep(optax.apply_updates(params, updates), params)
+  dropped = (new_state.notfinite_count > 0) | ~ok
+  new_state = keep(new_state, opt_state)._replace(
+      notfinite_count=jnp.where(dropped, opt_state.notfinite_count + 1, 0),
+      total_notfinite=opt_state.total_notfinite + dropped.astype(jnp.int32))
+  return new_params, new_state
 
 
 class Trainer:
@@ -212,19 +234,20 @@ class Trainer:
       total, _ = jax.lax.scan(body, zeros, (xs, ls, ks))
       grads, d_grads, metrics = jax.tree.map(lambda a: a / accum, total)
 
-    updates, opt_g = self.opt_g.update(grads, state["opt_g"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(optax.global_norm(grads))
+    params, opt_g = guarded_update(self.opt_g, grads, state["opt_g"], state["params"])
+    # The count is reset by an update that was applied and grows with each one dropped
+    # (a non-finite loss, gradient or update).
+    finite = opt_g.notfinite_count == 0
     disc_params, opt_d = state["disc_params"], state["opt_d"]
     if cfg.loss.w_gan > 0:
-      d_updates, opt_d = self.opt_d.update(d_grads, opt_d, disc_params)
-      disc_params = optax.apply_updates(disc_params, d_updates)
+      disc_params, opt_d = guarded_update(self.opt_d, d_grads, opt_d, disc_params)
 
     ema = state["ema_params"]
     if cfg.train.ema_decay > 0:
       dcy = cfg.train.ema_decay
       ema = jax.tree.map(lambda e, p: jnp.where(finite, dcy * e + (1 - dcy) * p, e), ema, params)
-    metrics.update(grad_norm=optax.global_norm(grads), skipped=1.0 - finite.astype(jnp.float32))
+    metrics.update(grad_norm=optax.global_norm(grads), skipped=1.0 - finite.astype(jnp.float32),
+                   bad_streak=opt_g.notfinite_count.astype(jnp.float32))
     new_state = dict(step=state["step"] + 1, params=params, opt_g=opt_g,
                      disc_params=disc_params, opt_d=opt_d, ema_params=ema, rng=rng)
     return new_state, metrics
@@ -270,29 +293,76 @@ def evaluate(model, params, photos: Dict[str, np.ndarray], lmbdas, ratios,
 
 
 # ---- the program ---------------------------------------------------------------------------
-class MetricWriter:
-  """JSON lines (always) + TensorBoard (tensorboardX) on process 0 only."""
+PREEMPTED_EXIT_CODE = 75   # sysexits EX_TEMPFAIL: saved on SIGTERM, rerun to resume
 
-  def __init__(self, workdir: str, enabled: bool):
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive non-finite steps; nothing non-finite was saved."""
+
+
+def _step_of(line: str) -> Optional[int]:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None   # a line cut short by a kill
+
+
+class MetricWriter:
+  """JSON lines (always) + TensorBoard (tensorboardX) on process 0 only.
+
+  `workdir` may be a URL (gs://): object stores cannot append, so there the lines are kept
+  in memory and the whole object is rewritten at most every `flush_secs` and at every
+  checkpoint and at the end. Lines logged after `resume_step` (by a run killed before its
+  next checkpoint) are dropped, so a resumed run's file has each step once.
+  """
+
+  def __init__(self, workdir: str, enabled: bool, resume_step: int = 0, flush_secs: float = 60.0):
     self.enabled = enabled
     self.tb = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
-      except ImportError:
-        pass
+    self._jsonl = None
+    if not enabled:
+      return
+    root = epath.Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    self.path = root / "metrics.jsonl"
+    self.url = ckpt_lib.is_url(workdir)
+    self.flush_secs, self._last_flush, self._dirty = flush_secs, time.time(), False
+    old = self.path.read_text().splitlines() if self.path.exists() else []
+    keep = lambda l: (lambda s: s is not None and s <= resume_step)(_step_of(l))
+    self.lines = [l for l in old if keep(l)]
+    if len(self.lines) != len(old):
+      self.path.write_text("".join(l + "\n" for l in self.lines))
+    if not self.url:
+      self._jsonl = open(self.path, "a")
+      self.lines = None
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(ckpt_lib.join(workdir, "tb"))
+    except ImportError:
+      pass
+    except Exception as e:   # e.g. gs:// without google-cloud-storage
+      print(f"TensorBoard logging off ({type(e).__name__}: {e}); metrics.jsonl has every value")
 
   def scalars(self, step: int, values: Dict[str, float]):
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps(dict(step=int(step), **values)) + "\n")
-    self.jsonl.flush()
+    line = json.dumps(dict(step=int(step), **values))
+    if self._jsonl is not None:
+      self._jsonl.write(line + "\n")
+      self._jsonl.flush()
+    else:
+      self.lines.append(line)
+      self._dirty = True
+      if time.time() - self._last_flush >= self.flush_secs:
+        self.flush()
     if self.tb:
       for k, v in values.items():
         self.tb.add_scalar(k, v, step)
+
+  def flush(self):
+    if self.enabled and self._jsonl is None and self._dirty:
+      self.path.write_text("".join(l + "\n" for l in self.lines))
+      self._dirty, self._last_flush = False, time.time()
 
   def images(self, step: int, name: str, grid: np.ndarray):
     if self.enabled and self.tb:
@@ -300,9 +370,13 @@ class MetricWriter:
 
   def close(self):
     if self.enabled:
-      self.jsonl.close()
+      self.flush()
+      if self._jsonl is not None:
+        self._jsonl.close()
+        self._jsonl = None
       if self.tb:
         self.tb.close()
+        self.tb = None
 
 
 def _image_grid(originals: np.ndarray, recons: np.ndarray) -> np.ndarray:
@@ -334,6 +408,7 @@ class _Preemption:
   def close(self):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+      self._old = None
 
 
 def host_params(trainer: "Trainer", params):
@@ -342,74 +417,263 @@ def host_params(trainer: "Trainer", params):
   return jax.device_get(jax.jit(lambda p: p, out_shardings=rep)(params))
 
 
-def train_and_evaluate(config, workdir: str, progress: bool = True) -> Dict[str, Any]:
-  """Train (resuming from the newest checkpoint in workdir), then evaluate held-out photos."""
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """True when no float leaf holds NaN or Inf (the largest |value| is finite: NaN
+  propagates through max)."""
+  peaks = [jnp.max(jnp.abs(a)) for a in jax.tree.leaves(tree)
+           if jnp.issubdtype(a.dtype, jnp.floating) and a.size]
+  return jnp.isfinite(functools.reduce(jnp.maximum, peaks)) if peaks else jnp.bool_(True)
+
+
+# ---- resuming with another config -----------------------------------------------------------
+# Settings that may change when a run resumes: they touch neither the saved state's shapes
+# nor what the run computes per step (num_steps stretches the cosine decay to the new end).
+SAFE_ON_RESUME = ("train.num_steps", "train.log_every", "train.ckpt_every", "train.keep",
+                  "train.keep_best", "train.async_checkpoint", "train.max_bad_steps",
+                  "data.num_workers", "data.train_dir", "data.eval_dir", "data.tfds_data_dir",
+                  "loss.lpips_weights", "eval.*", "mesh.*", "codec.*")
+# Settings that shape the saved state: a checkpoint made with others cannot be restored.
+STRUCTURAL = ("model.*", "disc.ch", "disc.n_layers")
+# Settings that define the data stream: changed (with --allow_config_change), the
+# data iterator starts afresh.
+DATA_DEFINING = ("seed", "image_size", "train.batch_size", "data.source", "data.tfds_name",
+                 "data.tfds_split", "data.min_scale", "data.flip")
+
+
+def _matches(key: str, patterns) -> bool:
+  return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(stored: Dict[str, Any], config) -> Dict[str, list]:
+  """Fields whose value differs between a checkpoint's config and this run's, sorted into
+  `structural` (cannot restore), `changes` (restorable, but the run computes something
+  else: needs allow_config_change) and `safe`. Each entry: (field, stored, new).
+  Fields only one side has (added or removed by a newer version) are not compared."""
+  old = _flatten(stored)
+  new = _flatten(json.loads(config.to_json()))
+  out = dict(structural=[], changes=[], safe=[])
+  for k in sorted(set(old) & set(new)):
+    a, b = old[k], new[k]
+    if a == b:
+      continue
+    if _matches(k, SAFE_ON_RESUME):
+      out["safe"].append((k, a, b))
+    elif _matches(k, STRUCTURAL) or (k == "train.ema_decay" and (a > 0) != (b > 0)):
+      out["structural"].append((k, a, b))
+    else:
+      out["changes"].append((k, a, b))
+  return out
+
+
+def check_resume_config(stored: Dict[str, Any], config, allow_config_change: bool,
+                        where: str) -> Dict[str, list]:
+  """Raise ConfigError naming every differing field unless the change is allowed."""
+  diff = config_changes(stored, config)
+  fmt = lambda items: "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in items)
+  safe_list = ", ".join(SAFE_ON_RESUME)
+  if diff["structural"]:
+    raise model_lib.ConfigError(
+        f"cannot resume {where}: its checkpoint was made with another model, so its arrays "
+        f"have other shapes:\n{fmt(diff['structural'])}\nUse the config the run was started "
+        f"with (the checkpoint's config is restored by `hvq eval`/`hvq compress`), or start "
+        f"a new --workdir. Safe to change on resume: {safe_list}")
+  if diff["changes"] and not allow_config_change:
+    raise model_lib.ConfigError(
+        f"resuming {where} with settings that differ from its checkpoint:\n"
+        f"{fmt(diff['changes'])}\nThese change what the run computes. Pass the values the run "
+        f"was started with, or --allow_config_change to continue with the new ones. "
+        f"Safe to change on resume: {safe_list}")
+  return diff
+
+
+def eval_photos(config) -> Dict[str, np.ndarray]:
+  """The held-out photos of the final evaluation (checked before training starts)."""
+  d = config.data
+  if d.source == "bundled":
+    return images_lib.bundled_photos("heldout")
+  if d.source == "folder":
+    paths = images_lib.list_images(d.eval_dir)
+    photos = {os.path.basename(p): images_lib.read_image(p) for p in paths}
+  else:
+    src = images_lib.TfdsImages(d.tfds_name, d.tfds_eval_split, d.tfds_data_dir)
+    n = min(len(src), int(config.eval.get("num_images", 16)))
+    photos = {f"{d.tfds_name}_{i:05d}": src[i] for i in range(n)}
+  # The evaluation is one batch of centre crops: all of them must have the full size.
+  size = config.eval.image_size
+  small = [k for k, v in photos.items() if min(v.shape[:2]) < size]
+  photos = {k: v for k, v in photos.items() if k not in small}
+  if small:
+    print(f"evaluation: {len(small)} image(s) smaller than eval.image_size={size} left out")
+  if not photos:
+    raise model_lib.ConfigError(
+        f"no held-out image of at least {size} px for the final evaluation in "
+        f"data.source={d.source!r}; lower config.eval.image_size or set "
+        f"--config.eval.enabled=False")
+  return photos
+
+
+def _check_eval_source(config) -> None:
+  d = config.data
+  if not config.eval.enabled:
+    return
+  if d.source == "folder" and not d.eval_dir:
+    raise model_lib.ConfigError(
+        "config.data.eval_dir is empty: the final evaluation needs held-out images "
+        "(set --config.data.eval_dir=DIR, or --config.eval.enabled=False)")
+  if d.source == "tfds" and not d.tfds_eval_split:
+    raise model_lib.ConfigError(
+        "config.data.tfds_eval_split is empty: set it (e.g. 'validation'), or "
+        "--config.eval.enabled=False")
+
+
+def _trainer_fields(config) -> Dict[str, Any]:
+  """The settings a Trainer is built from (not logging, checkpointing, data or eval)."""
+  flat = _flatten(json.loads(config.to_json()))
+  loop_only = ("train.log_every", "train.ckpt_every", "train.keep", "train.keep_best",
+               "train.async_checkpoint", "train.max_bad_steps", "data.*", "eval.*", "codec.*")
+  return {k: v for k, v in flat.items() if not _matches(k, loop_only)}
+
+
+def train_and_evaluate(config, workdir: str, progress: bool = True,
+                       allow_config_change: bool = False,
+                       trainer: Optional["Trainer"] = None) -> Dict[str, Any]:
+  """Train (resuming from the newest checkpoint in workdir), then evaluate held-out photos.
+
+  `workdir` may be a local folder or a URL such as gs://bucket/run (every host of a pod
+  must see the same checkpoints). Returns dict(state, eval, preempted).
+  Raises TrainingDiverged after train.max_bad_steps consecutive non-finite steps.
+  `trainer`: a Trainer built for this same config, to reuse its compiled step.
+  """
   from tqdm import tqdm
-  trainer = Trainer(config)
+  _check_eval_source(config)
+  if trainer is None:
+    trainer = Trainer(config)
+  elif _trainer_fields(trainer.config) != _trainer_fields(config):
+    raise ValueError("train_and_evaluate: the trainer was built for another config")
   tc = config.train
+  max_bad = int(tc.max_bad_steps)
+  if max_bad < 1:
+    raise model_lib.ConfigError(f"config.train.max_bad_steps must be >= 1, got {max_bad}")
+  workdir = ckpt_lib.normalize(workdir)
   is_main = jax.process_index() == 0
-  writer = MetricWriter(workdir, is_main)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep,
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.join(workdir, "checkpoints"), keep=tc.keep,
                                keep_best=tc.keep_best, best_metric="loss",
                                async_save=tc.async_checkpoint)
-  data_iter = iter(data_lib.train_dataset(config, jax.process_index(), jax.process_count()))
-  start = 0
-  if ckpt.latest_step() is not None:
-    # Restores onto this run's mesh, whatever mesh wrote it (Orbax reshards).
-    state = ckpt.restore(None, trainer.abstract_state, data_iter)
-    start = int(state["step"])
-    if is_main:
-      print(f"resumed from step {start} in {ckpt.directory}")
-  else:
-    state = trainer.init_state(jax.random.PRNGKey(config.seed))
-  if tc.num_steps == 0 or start == 0:
-    ckpt.save(start, state, data_iter, config, metrics=None, force=True)
-  bar = tqdm(total=tc.num_steps, initial=start, disable=not (progress and is_main),
-             unit="step", dynamic_ncols=True)
-  preemption = _Preemption()
-  preempted = False
-  t0, seen, last = time.time(), 0, {}
-  for step in range(start, tc.num_steps):
-    batch = trainer.shard_batch(next(data_iter))
-    state, m = trainer.train_step(state, batch)
-    seen += batch.shape[0]
-    done = step + 1
-    if done % tc.log_every == 0 or done == tc.num_steps:
-      m = {k: float(v) for k, v in jax.device_get(m).items()}
-      dt = time.time() - t0
-      m["images_per_s"] = seen / max(dt, 1e-9)
-      t0, seen = time.time(), 0
-      if m["skipped"] and is_main:
-        print(f"step {done}: non-finite loss or gradient, update skipped")
-      writer.scalars(done, m)
-      bar.set_postfix(loss=f"{m['loss']:.3f}", bpp=f"{m['bpp']:.3f}",
-                      psnr=f"{m['psnr']:.1f}", img_s=f"{m['images_per_s']:.1f}")
-      last = m
-    bar.update(1)
-    if preemption.reached(done):
-      ckpt.save(done, state, data_iter, config, metrics={"loss": last.get("loss", 0.0)}, force=True)
-      preempted = True
+  writer = None
+  preemption = None
+  try:
+    data_iter = iter(data_lib.train_dataset(config, jax.process_index(), jax.process_count()))
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+      try:
+        stored = ckpt.restore_config(latest)
+      except Exception:   # noqa: BLE001 (a checkpoint from before configs were saved)
+        stored = None
+      diff = dict(safe=[], changes=[])
+      if stored is not None:
+        diff = check_resume_config(stored, config, allow_config_change, workdir)
+      changed = {k for k, _, _ in diff["changes"]}
+      restart_data = any(_matches(k, DATA_DEFINING) for k in changed)
+      # Restores onto this run's mesh, whatever mesh wrote it (Orbax reshards).
+      state = ckpt.restore(latest, trainer.abstract_state, None if restart_data else data_iter)
+      start = int(jax.device_get(state["step"]))
       if is_main:
-        print(f"preempted: saved step {done}; relaunch the same command to resume")
-      break
-    if done % tc.ckpt_every == 0 or done == tc.num_steps:
-      ckpt.save(done, state, data_iter, config, metrics={"loss": last.get("loss", 0.0)})
-  bar.close()
-  preemption.close()
-  ckpt.wait()
-  ckpt.close()
+        print(f"resumed from step {start} in {ckpt.directory}")
+        for k, a, b in diff["safe"] + diff["changes"]:
+          print(f"  {k}: {a!r} -> {b!r}")
+        if restart_data:
+          print("  the data stream starts afresh (its definition changed)")
+    else:
+      state = trainer.init_state(jax.random.PRNGKey(config.seed))
+      # The initial checkpoint: written once, only when nothing was restored (a restored
+      # step is never saved again: Orbax refuses a step that exists).
+      ckpt.save(0, state, data_iter, config, metrics=None, force=True)
+    writer = MetricWriter(workdir, is_main, resume_step=start)
+    bar = tqdm(total=tc.num_steps, initial=start, disable=not (progress and is_main),
+               unit="step", dynamic_ncols=True)
+    preemption = _Preemption()
+    preempted = False
+    t0, seen = time.time(), 0
+    losses_since_save = []   # finite logged losses: the "best" metric of the next save
+    last_saved = start
+
+    def save(step, force=False):
+      nonlocal losses_since_save, last_saved
+      if not bool(jax.device_get(_all_finite(state))):
+        raise TrainingDiverged(f"step {step}: the training state holds NaN or Inf; not saved "
+                               f"(the newest checkpoint, step {last_saved}, is finite)")
+      metrics = {"loss": float(np.mean(losses_since_save))} if losses_since_save else None
+      ckpt.save(step, state, data_iter, config, metrics=metrics, force=force)
+      losses_since_save, last_saved = [], step
+      writer.flush()
+
+    for step in range(start, tc.num_steps):
+      batch = trainer.shard_batch(next(data_iter))
+      state, m = trainer.train_step(state, batch)
+      seen += batch.shape[0]
+      done = step + 1
+      will_save = done % tc.ckpt_every == 0 or done == tc.num_steps
+      if done % tc.log_every == 0 or will_save:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.time() - t0
+        m["images_per_s"] = seen / max(dt, 1e-9)
+        t0, seen = time.time(), 0
+        if m["skipped"] and is_main:
+          print(f"step {done}: non-finite loss or gradient, update skipped "
+                f"({int(m['bad_streak'])} in a row)")
+        if math.isfinite(m["loss"]):
+          losses_since_save.append(m["loss"])
+        writer.scalars(done, m)
+        if m["bad_streak"] >= max_bad:
+          raise TrainingDiverged(
+              f"training diverged: {int(m['bad_streak'])} consecutive steps with a non-finite "
+              f"loss or gradient, up to step {done} (train.max_bad_steps={max_bad}). Every one "
+              f"was skipped and nothing after step {last_saved} was saved: the newest "
+              f"checkpoint holds finite params. Lower train.lr or check the data, then rerun.")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", bpp=f"{m['bpp']:.3f}",
+                        psnr=f"{m['psnr']:.1f}", img_s=f"{m['images_per_s']:.1f}")
+      bar.update(1)
+      if preemption.reached(done):
+        save(done, force=True)
+        preempted = True
+        if is_main:
+          print(f"preempted: saved step {done}; relaunch the same command to resume "
+                f"(exit code {PREEMPTED_EXIT_CODE})")
+        break
+      if will_save:
+        save(done)
+    bar.close()
+    ckpt.wait()
+  except BaseException:
+    if writer is not None:
+      writer.close()
+    raise
+  finally:
+    if preemption is not None:
+      preemption.close()
+    ckpt.close()      # waits for a save in flight: a failure above keeps the saves before it
 
   results = {}
   if config.eval.enabled and not preempted:
-    photos = images_lib.bundled_photos("heldout") if config.data.source == "bundled" else \
-        {os.path.basename(p): images_lib.read_image(p)
-         for p in images_lib.list_images(config.data.eval_dir)}
+    photos = eval_photos(config)
     params = host_params(trainer, trainer.eval_params(state))
     results = evaluate(trainer.model, params, photos, config.rd.lambdas,
                        config.granularity.ratios, config.eval.image_size)
     if is_main:
-      with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(dict(step=int(jax.device_get(state["step"])), results=results), f, indent=1)
+      (epath.Path(workdir) / "eval.json").write_text(
+          json.dumps(dict(step=int(jax.device_get(state["step"])), results=results), indent=1))
       print(format_eval(results))
       batch = np.stack([center_crop(p, config.eval.image_size) for p in photos.values()])
       recon = jax.device_get(eval_forward(trainer.model, params, batch, float(config.rd.lmbda),
