@@ -6,6 +6,7 @@ the discriminator the hinge loss, both switched on for the GAN only after disc_s
 Lambda is sampled per example from config.rd.lambdas and fed to the networks.
 """
 import functools
+import io
 import json
 import math
 import os
@@ -307,6 +308,40 @@ def _step_of(line: str) -> Optional[int]:
     return None   # a line cut short by a kill
 
 
+class _EpathRecordWriter:
+  """A TensorBoard event file on an object store: the whole file is uploaded at each of
+  tensorboardX's flushes (every 2 minutes) and at close, never after close."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer, self.closed = epath.Path(path), io.BytesIO(), False
+
+  def write(self, data: bytes):
+    self.buffer.write(data)
+
+  def flush(self):
+    if not self.closed:
+      self.path.write_bytes(self.buffer.getvalue())
+
+  def close(self):
+    self.flush()
+    self.closed = True
+
+
+class _EpathRecordWriterFactory:
+  def open(self, path):
+    return _EpathRecordWriter(path)
+
+  def directory_check(self, path):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _tensorboard_through_epath(scheme: str) -> None:
+  """tensorboardX's own gs:// writer re-uploads from __del__ after close (and retries for
+  minutes once the store is gone): write event files through etils.epath instead."""
+  from tensorboardX import record_writer
+  record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
+
+
 class MetricWriter:
   """JSON lines (always) + TensorBoard (tensorboardX) on process 0 only.
 
@@ -337,10 +372,12 @@ class MetricWriter:
       self.lines = None
     try:
       from tensorboardX import SummaryWriter
+      if self.url:
+        _tensorboard_through_epath(str(workdir).split(":", 1)[0])
       self.tb = SummaryWriter(ckpt_lib.join(workdir, "tb"))
     except ImportError:
       pass
-    except Exception as e:   # e.g. gs:// without google-cloud-storage
+    except Exception as e:   # noqa: BLE001 (TensorBoard is optional)
       print(f"TensorBoard logging off ({type(e).__name__}: {e}); metrics.jsonl has every value")
 
   def scalars(self, step: int, values: Dict[str, float]):
