@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
       train_dir="", eval_dir="",
       tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="",
       min_scale=0.5, flip=True, num_workers=0,
+      # colour augmentation (training/data.py ColorJitter): hue rotation +- deg, chroma
+      # scale 1 +- s, RGB permutation probability; 0 turns each off
+      color_hue_deg=0.0, color_saturation=0.0, color_permute=0.0,
   ))
   config.eval = ml_collections.ConfigDict(dict(enabled=True, image_size=256))
   # Device mesh (sharding.py): batch over data x fsdp, large params split over fsdp.

@@ -84,3 +84,32 @@ def test_bundled_split_is_fixed_and_disjoint():
   assert not set(images.TRAIN_PHOTOS) & set(images.HELDOUT_PHOTOS)
   photos = images.bundled_photos("heldout")
   assert [p.shape for p in photos.values()] == [(400, 600, 3), (300, 451, 3), (427, 640, 3)]
+
+
+def test_color_jitter_against_numpy_yiq():
+  """Hue rotation keeps luma (Y of YIQ) and turns the chroma plane by the drawn angle;
+  saturation scales it; permutation permutes channels; same seed, same output."""
+  from hvq_jax.training.data import ColorJitter
+  rng = np.random.default_rng(0)
+  img = rng.integers(30, 220, (16, 16, 3)).astype(np.uint8)
+  yiq = np.array([[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263],
+                  [0.211456, -0.522591, 0.311135]])
+  hue = ColorJitter(hue_deg=90.0)
+  out = hue.random_map(img, np.random.default_rng(5))
+  theta = np.deg2rad(np.random.default_rng(5).uniform(-90, 90))
+  a, b = img.reshape(-1, 3).astype(float) @ yiq.T, out.reshape(-1, 3).astype(float) @ yiq.T
+  ok = (out.reshape(-1, 3) > 0).all(1) & (out.reshape(-1, 3) < 255).all(1)   # not clipped
+  np.testing.assert_allclose(b[ok, 0], a[ok, 0], atol=1.0)
+  rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+  np.testing.assert_allclose(b[ok, 1:], a[ok, 1:] @ rot.T, atol=1.5)
+  sat = ColorJitter(saturation=0.5).random_map(img, np.random.default_rng(1))
+  s = np.random.default_rng(1).uniform(0.5, 1.5)
+  c = sat.reshape(-1, 3).astype(float) @ yiq.T
+  ok = (sat.reshape(-1, 3) > 0).all(1) & (sat.reshape(-1, 3) < 255).all(1)
+  np.testing.assert_allclose(c[ok, 1:], s * a[ok, 1:], atol=1.5)
+  perm = ColorJitter(permute=1.0).random_map(img, np.random.default_rng(2))
+  order = np.random.default_rng(2)
+  order.random()
+  np.testing.assert_array_equal(perm, img[..., order.permutation(3)])
+  np.testing.assert_array_equal(hue.random_map(img, np.random.default_rng(5)), out)
+  np.testing.assert_array_equal(ColorJitter().random_map(img, np.random.default_rng(0)), img)
