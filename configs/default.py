@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=5000, final_lr_frac=0.1, grad_clip=1.0,
       ema_decay=0.0, max_bad_steps=20,
       grad_accum=1,                       # micro-batches per update (batch_size / grad_accum each)
+      # Start a fresh run from another run's params (matched by name; the rest keep their
+      # init), and train only part: 'all', or 'prior' (hyperprior branches / static
+      # histograms: a plug-in prior for a frozen tokenizer, rate loss only).
+      init_from="", trainable="all",
   ))
   config.loss = ml_collections.ConfigDict(dict(
       rec="l1", w_rec=1.0, w_lpips=1.0, lpips_net="alexnet", lpips_weights="",

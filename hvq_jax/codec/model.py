@@ -7,7 +7,6 @@ so compressing an image imports neither optax nor the discriminator.
 import functools
 import hashlib
 import json
-import os
 from typing import Dict, Optional
 
 import numpy as np
@@ -134,13 +133,12 @@ def _index_weights_jit(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_
   return w.astype(jnp.float32)   # exact: every weight is below 2^24
 
 
-def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
-  """Load params (EMA params when the run kept them) and config from a training workdir
-  or its `checkpoints/` folder."""
-  d = ckpt_dir
-  if os.path.isdir(os.path.join(d, "checkpoints")):
-    d = os.path.join(d, "checkpoints")
-  if not os.path.isdir(d):
+def load_params(ckpt_dir: str, step: Optional[int] = None):
+  """(config, params) of a training workdir or its `checkpoints/` folder (local or a URL
+  such as gs://...): EMA params when the run kept them. Restores the params subtree only,
+  with shapes from `jax.eval_shape` of the model's init, onto one device."""
+  d = ckpt_lib.find_checkpoints(ckpt_dir)
+  if d is None:
     raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
   ck = ckpt_lib.Checkpointer(d, async_save=False)
   try:
@@ -158,4 +156,9 @@ def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
     params = ck.restore_params(step, {key: abstract})[key]
   finally:
     ck.close()
-  return CodecModel(config, params)
+  return config, params
+
+
+def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
+  """A CodecModel from a training workdir or its `checkpoints/` folder (`load_params`)."""
+  return CodecModel(*load_params(ckpt_dir, step))

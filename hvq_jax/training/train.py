@@ -51,6 +51,43 @@ def validate_config(config) -> None:
     err(f"config.rd.lambdas must be positive, got {config.rd.lambdas}")
   if config.loss.w_gan > 0 and config.disc.ch * 2 % min(32, config.disc.ch) != 0:
     err("config.disc.ch must be a multiple of 32 or below 32")
+  trainable = config.train.get("trainable", "all")
+  if trainable not in ("all", "prior"):
+    err(f"config.train.trainable must be 'all' or 'prior', got {trainable!r}")
+  if trainable == "prior" and not config.train.get("init_from", ""):
+    err("config.train.trainable='prior' trains a prior for a frozen tokenizer: set "
+        "config.train.init_from to the run whose encoder, codebooks and decoder it freezes")
+
+
+PRIOR_PREFIXES = ("hyper_", "static_")   # the index prior's params (nn/model.py names)
+
+
+def is_prior(path) -> bool:
+  """Is this params path part of the index prior (a hyperprior branch or static histogram)?"""
+  return str(getattr(path[0], "key", path[0])).startswith(PRIOR_PREFIXES)
+
+
+def init_from(params, source: str):
+  """Params of the run at `source` (workdir or checkpoints folder) copied into `params`
+  wherever name and shape match; the rest keep their init. Returns (params, report)."""
+  from hvq_jax import codec
+  _, theirs = codec.load_params(source)
+  theirs = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(
+      jax.device_get(theirs))[0]}
+  report = dict(loaded=[], kept_init=[], shape_mismatch=[])
+  def pick(path, leaf):
+    k = jax.tree_util.keystr(path)
+    if k not in theirs:
+      report["kept_init"].append(k)
+      return leaf
+    if np.shape(theirs[k]) != np.shape(leaf):
+      report["shape_mismatch"].append(k)
+      return leaf
+    report["loaded"].append(k)
+    return np.asarray(theirs[k], np.asarray(leaf).dtype)
+  new = jax.tree_util.tree_map_with_path(pick, jax.device_get(params))
+  report["unused"] = sorted(set(theirs) - set(report["loaded"]) - set(report["shape_mismatch"]))
+  return new, report
 
 
 def make_optimizer(tc, lr: float) -> optax.GradientTransformation:
@@ -235,6 +272,11 @@ class Trainer:
       total, _ = jax.lax.scan(body, zeros, (xs, ls, ks))
       grads, d_grads, metrics = jax.tree.map(lambda a: a / accum, total)
 
+    if cfg.train.get("trainable", "all") == "prior":
+      # a plug-in prior: the tokenizer is frozen (zero gradients leave Adam's update at 0),
+      # so only the rate, through the prior's params, is optimised
+      grads = jax.tree_util.tree_map_with_path(
+          lambda p, g: g if is_prior(p) else jnp.zeros_like(g), grads)
     params, opt_g = guarded_update(self.opt_g, grads, state["opt_g"], state["params"])
     # The count is reset by an update that was applied and grows with each one dropped
     # (a non-finite loss, gradient or update).
@@ -466,7 +508,7 @@ def _all_finite(tree) -> jax.Array:
 # ---- resuming with another config -----------------------------------------------------------
 # Settings that may change when a run resumes: they touch neither the saved state's shapes
 # nor what the run computes per step (num_steps stretches the cosine decay to the new end).
-SAFE_ON_RESUME = ("train.num_steps", "train.log_every", "train.ckpt_every", "train.keep",
+SAFE_ON_RESUME = ("train.num_steps", "train.init_from", "train.log_every", "train.ckpt_every", "train.keep",
                   "train.keep_best", "train.async_checkpoint", "train.max_bad_steps",
                   "data.num_workers", "data.train_dir", "data.eval_dir", "data.tfds_data_dir",
                   "loss.lpips_weights", "eval.*", "mesh.*", "codec.*")
@@ -475,7 +517,8 @@ STRUCTURAL = ("model.*", "disc.ch", "disc.n_layers")
 # Settings that define the data stream: changed (with --allow_config_change), the
 # data iterator starts afresh.
 DATA_DEFINING = ("seed", "image_size", "train.batch_size", "data.source", "data.tfds_name",
-                 "data.tfds_split", "data.min_scale", "data.flip")
+                 "data.tfds_split", "data.min_scale", "data.flip", "data.color_hue_deg",
+                 "data.color_saturation", "data.color_permute")
 
 
 def _matches(key: str, patterns) -> bool:
@@ -634,6 +677,15 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
           print("  the data stream starts afresh (its definition changed)")
     else:
       state = trainer.init_state(jax.random.PRNGKey(config.seed))
+      if tc.get("init_from", ""):
+        new, report = init_from(state["params"], tc.init_from)
+        new = jax.device_put(new, trainer.state_shardings["params"])
+        state = dict(state, params=new,
+                     ema_params=new if tc.ema_decay > 0 else state["ema_params"])
+        if is_main:
+          print(f"initialised from {tc.init_from}: {len(report['loaded'])} arrays loaded, "
+                f"{len(report['kept_init'])} at init, {len(report['shape_mismatch'])} of "
+                f"another shape kept at init, {len(report['unused'])} unused")
       # The initial checkpoint: written once, only when nothing was restored (a restored
       # step is never saved again: Orbax refuses a step that exists).
       ckpt.save(0, state, data_iter, config, metrics=None, force=True)
