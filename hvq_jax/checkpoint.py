@@ -128,7 +128,7 @@ class Checkpointer:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         self.data_restored = True
       elif data_dir.exists():
-        saved = sorted(p.name for p in data_dir.iterdir())
+        saved = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
         warnings.warn(
             f"checkpoint step {step} holds the data iterator of another process layout "
             f"({', '.join(saved[:4])}{'...' if len(saved) > 4 else ''}); this run has "

@@ -109,6 +109,23 @@ def micro_ckpt(tmp_path_factory):
   return make_workdir(tmp_path_factory, "micro_ckpt", 0)
 
 
+def hvq_cli(*args):
+  """`python -m hvq_jax.cli ARGS` as a user runs it."""
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, "-m", "hvq_jax.cli", *args], capture_output=True,
+                        text=True)
+
+
+@pytest.fixture(scope="session")
+def exported(micro_ckpt, tmp_path_factory):
+  """`hvq export --format torch` of the micro checkpoint (safetensors; no torch needed)."""
+  path = str(tmp_path_factory.mktemp("export") / "model.safetensors")
+  r = hvq_cli("export", "--checkpoint", micro_ckpt, "--format", "torch", "--out", path)
+  assert r.returncode == 0, r.stderr
+  return path
+
+
 @pytest.fixture(scope="session")
 def micro_codec(micro_ckpt):
   from hvq_jax import codec

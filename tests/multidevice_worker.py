@@ -3,6 +3,7 @@
   python tests/multidevice_worker.py meshes OUT.json
   python tests/multidevice_worker.py multiprocess OUT.json PROCESS_ID PORT
   python tests/multidevice_worker.py train WORKDIR
+  python tests/multidevice_worker.py short OUT.json WORKDIR PROCESS_ID PORT  (default suite)
 """
 import json
 import os
@@ -14,7 +15,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.conftest import micro_config  # noqa: E402
-from hvq_jax.training import train  # noqa: E402
+from hvq_jax.training import sharding, train  # noqa: E402
 
 STEPS = 2
 BATCH = 8
@@ -28,6 +29,19 @@ def config(shape, fsdp_min_size=1024):
   return c
 
 
+SHORT_MESH = (4, 2)   # data x fsdp: batch split 8 ways, large params split over fsdp
+
+
+def short_config(shape):
+  """The short (default-suite) runs: STEPS steps, a schedule of STEPS steps, so that the
+  stepping trainer also writes the workdir."""
+  c = config(shape)
+  c.train.num_steps, c.train.log_every = STEPS, 1
+  c.train.async_checkpoint = False
+  c.eval.enabled = False
+  return c
+
+
 def batches():
   rng = np.random.default_rng(0)
   return [rng.integers(0, 256, (BATCH, 64, 64, 3), dtype=np.uint8) for _ in range(STEPS)]
@@ -35,6 +49,10 @@ def batches():
 
 def run(c, devices=None, rows=slice(None)):
   trainer = train.Trainer(c, devices=devices)
+  return run_with(trainer, rows)
+
+
+def run_with(trainer, rows=slice(None)):
   state = trainer.init_state(jax.random.PRNGKey(0))
   losses = []
   for b in batches():
@@ -105,6 +123,69 @@ def train_workdir(workdir):
   train.train_and_evaluate(c, workdir, progress=False)
 
 
+def _summary(trainer, state, losses, params):
+  sharded = [jax.tree_util.keystr(p) for p, s in jax.tree_util.tree_flatten_with_path(
+      trainer.state_shardings["params"])[0] if any(s.spec)]
+  return dict(losses=losses, fsdp_sharded_params=len(sharded),
+              param_sum=float(sum(np.sum(np.abs(x)) for x in jax.tree.leaves(params))))
+
+
+def _barrier(name):
+  """A barrier of the coordination service (not a collective)."""
+  from jax._src import distributed
+  distributed.global_state.client.wait_at_barrier(name, 600_000)
+
+
+def short(out, workdir, pid, port):
+  """The default suite's one multi-device job: two processes of 4 CPU devices each.
+  Both train STEPS steps on the (4, 2) mesh across all 8 devices, each feeding its half
+  of every batch, and save the result as a checkpoint (Orbax, collectively, with each
+  process's data iterator); process 0 also trains on one of its own devices alone, the
+  reference.
+
+  gloo sets up a context at each program's first collective and gives up after 30 s, so
+  every program is compiled ahead and both processes meet at a barrier before running
+  it (under load, two compiles of one program can differ by more than that)."""
+  from hvq_jax import checkpoint as ckpt_lib
+  from hvq_jax.training import data as data_lib
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+  assert jax.device_count() == 8 and jax.local_device_count() == 4
+  half = BATCH // 2
+  c = short_config(SHORT_MESH)
+  trainer = train.Trainer(c)
+  key = jax.random.PRNGKey(0)
+  init = trainer.init_state.lower(key).compile()
+  _barrier("init")
+  state = init(key)
+  data = batches()
+  step = trainer.train_step.lower(state, trainer.shard_batch(data[0][pid * half:(pid + 1) * half])).compile()
+  _barrier("step")
+  losses = []
+  for b in data:
+    state, m = step(state, trainer.shard_batch(b[pid * half:(pid + 1) * half]))
+    losses.append(float(m["loss"]))
+  rep = sharding.replicated(trainer.mesh)
+  gather = jax.jit(lambda p: p, out_shardings=rep).lower(state["params"]).compile()
+  _barrier("gather")
+  params = jax.device_get(gather(state["params"]))
+  res = dict(processes=jax.process_count(), devices=jax.device_count(),
+             mesh=_summary(trainer, state, losses, params))
+  it = iter(data_lib.train_dataset(c, pid, 2))
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ck.save(0, init(key), it, c, force=True)
+  ck.save(STEPS, state, it, c, force=True)
+  ck.close()
+  if pid == 0:
+    _, _, ref_losses, ref_params = run(short_config((1, 1)), devices=jax.local_devices()[:1])
+    res.update(ref_losses=ref_losses, param_rel_diff=max_rel_diff(params, ref_params),
+               ref_param_sum=float(sum(np.sum(np.abs(x)) for x in jax.tree.leaves(ref_params))))
+    with open(out, "w") as f:
+      json.dump(res, f)
+  _barrier("done")
+  jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
   cmd = sys.argv[1]
   if cmd == "meshes":
@@ -115,3 +196,5 @@ if __name__ == "__main__":
     single8(sys.argv[2])
   elif cmd == "train":
     train_workdir(sys.argv[2])
+  elif cmd == "short":
+    short(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

@@ -317,3 +317,79 @@ def test_sbatch_does_not_requeue_a_cancelled_job(tmp_path):
   out, err = p.communicate(timeout=60)
   assert p.returncode == 75, err
   assert not (tmp_path / "scontrol").exists()
+
+
+# ---- a real SLURM (slurm-wlm, one node on localhost) -----------------------------------
+def _slurm_up():
+  try:
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                          timeout=10).stdout.strip() in ("idle", "mix", "alloc")
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+
+
+def _job_state(job):
+  r = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+  for tok in r.stdout.split():
+    if tok.startswith("JobState="):
+      return tok.split("=", 1)[1]
+  return "GONE"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_up(), reason="needs a running SLURM cluster (slurmctld + slurmd)")
+def test_sbatch_on_real_slurm_requeues_and_resumes(tmp_path):
+  """launch/slurm_gpu.sbatch on a one-node SLURM with 2 tasks (CPU devices): both tasks
+  train as one JAX job; `scancel --signal=TERM` (what --signal=TERM@120 sends the tasks
+  before the time limit) makes them save at the preemption sync point and exit 75; the
+  script requeues the job, which resumes from that checkpoint and finishes."""
+  import hvq_jax.configs as configs
+  wd = tmp_path / "wd"
+  env = dict(os.environ, WORKDIR=str(wd), JAX_PLATFORMS="cpu",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             CONFIG=os.path.join(os.path.dirname(configs.__file__), "tiny_cpu.py"),
+             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_COMPILATION_CACHE_DIR=os.environ.get("HVQ_TEST_JIT_CACHE",
+                                                       "/tmp/hvq_jax_test_jit_cache"))
+  steps = 40
+  micro = ["--config.model.ch=16", "--config.model.dec_ch=16", "--config.model.norm_groups=4",
+           "--config.model.codebook_size=64", "--config.model.hyperprior.channels=16",
+           "--config.model.hyperprior.latent_channels=4", "--config.image_size=64",
+           "--config.train.batch_size=2", f"--config.train.num_steps={steps}",
+           "--config.train.log_every=1", "--config.train.ckpt_every=1000",
+           "--config.eval.enabled=False", "--config.mesh.shape=(-1,1)"]
+  out = tmp_path / "slurm-%j.out"
+  r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
+                      "--gpus-per-node=0", "--cpus-per-task=1", "--time=30",
+                      f"--output={out}", "--chdir", ROOT, SBATCH, *micro],
+                     env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  job = r.stdout.strip().split(";")[0]
+  log = tmp_path / f"slurm-{job}.out"
+  metrics = wd / "metrics.jsonl"
+  try:
+    deadline = time.time() + 900
+    while time.time() < deadline:   # wait until both tasks train
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        break
+      assert _job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()
+      time.sleep(1)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)
+    while time.time() < deadline and _job_state(job) not in ("COMPLETED", "FAILED", "GONE",
+                                                           "CANCELLED", "TIMEOUT"):
+      time.sleep(2)
+    text = log.read_text()
+    assert _job_state(job) in ("COMPLETED", "GONE"), text[-3000:]
+  finally:
+    subprocess.run(["scancel", job], capture_output=True)
+  assert "jax.distributed.initialize(): SLURM step with 2 tasks" in text
+  assert "hvq train exited with code 75 (job" in text and "requeueing job" in text
+  assert "resumed from step" in text
+  assert "hvq train exited with code 0" in text and "restart 1)" in text
+  saved = int(text.split("preempted: saved step ")[1].split(";")[0])
+  from hvq_jax import checkpoint as ckpt_lib
+  ck = ckpt_lib.Checkpointer(str(wd / "checkpoints"))
+  assert saved in ck.all_steps() and ck.latest_step() == steps
+  ck.close()
+  lines = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+  assert lines == list(range(1, steps + 1))   # each step once, across the requeue

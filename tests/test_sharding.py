@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import jax
 import pytest
 
 from hvq_jax import codec
@@ -24,6 +25,52 @@ def _run(args, n=8, timeout=900):
   r = subprocess.run([sys.executable, WORKER, *args], env=_env(n), capture_output=True,
                      text=True, timeout=timeout)
   assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ---- short versions (default suite): micro model, 2 steps, 8 emulated devices ----------
+# One job of two processes x 4 CPU devices covers the three slow tests below in short: the
+# (4, 2) mesh across both processes against one device, and its checkpoint coded on one.
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("short")
+  port = _free_port()
+  env = dict(_env(4), JAX_COMPILATION_CACHE_DIR=os.environ.get(
+      "HVQ_TEST_JIT_CACHE", "/tmp/hvq_jax_test_jit_cache"))
+  procs = [subprocess.Popen([sys.executable, WORKER, "short", str(d / "short.json"),
+                             str(d / "run"), str(i), str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=1200)
+    assert p.returncode == 0, err[-3000:]
+  return json.loads((d / "short.json").read_text()), str(d / "run")
+
+
+def test_short_two_process_mesh_matches_single_device(short_run):
+  res, _ = short_run
+  assert res["processes"] == 2 and res["devices"] == 8
+  # Same maths, another reduction order across 8 devices and 2 processes: round-off only.
+  np.testing.assert_allclose(res["mesh"]["losses"], res["ref_losses"], rtol=2e-5)
+  assert res["mesh"]["param_sum"] == pytest.approx(res["ref_param_sum"], rel=1e-5)
+  diffs = {k: v for k, v in res["param_rel_diff"].items() if not k.endswith("['k']['bias']")}
+  worst = max(diffs, key=diffs.get)
+  assert diffs[worst] < 1e-4, (worst, diffs[worst])
+  assert res["mesh"]["fsdp_sharded_params"] > 0      # the fsdp axis really splits params
+
+
+def test_short_checkpoint_from_8_devices_codes_on_1(short_run):
+  _, wd = short_run
+  from hvq_jax import checkpoint as ckpt_lib
+  ck = ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"))
+  assert ck.all_steps() == [0, 2] and ck.restore_config()["mesh"]["shape"] == [4, 2]
+  # written by two processes: each left its data iterator
+  assert sorted(p.name for p in ck.data_file(2).parent.iterdir() if "process" in p.name) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  ck.close()
+  model = codec.load_model(wd)   # this process: 1 CPU device
+  img = images.bundled_photo("coffee")[:64, :80]
+  out = codec.decompress(model, codec.compress(model, img))
+  assert out.shape == img.shape and out.dtype == np.uint8
 
 
 def test_mesh_shape_rules():
@@ -87,3 +134,21 @@ def test_checkpoint_from_8_devices_codes_on_1(tmp_path):
   img = images.bundled_photo("coffee")[:64, :80]
   out = codec.decompress(model, codec.compress(model, img))
   assert out.shape == img.shape
+
+
+def test_short_resume_with_another_process_count(short_run):
+  """The two-process checkpoint resumes in this one process: the state reshards onto a
+  one-device mesh, and grain's iterator (saved as process_{i}-of-2.json) starts afresh
+  with a warning instead of failing."""
+  _, wd = short_run
+  from hvq_jax.training import train
+  from tests.multidevice_worker import SHORT_MESH, short_config
+  c = short_config(SHORT_MESH)
+  c.mesh.shape = (-1, 1)          # a safe change on resume
+  with pytest.warns(UserWarning, match=r"process_0-of-2.json, process_1-of-2.json.*1 "
+                                       r"process\(es\): the data stream starts afresh"):
+    out = train.train_and_evaluate(c, wd, progress=False)
+  assert int(out["state"]["step"]) == 2
+  ref = codec.load_model(wd).params
+  np.testing.assert_array_equal(jax.tree.leaves(jax.device_get(out["state"]["params"]))[0],
+                                jax.tree.leaves(jax.device_get(ref))[0])
