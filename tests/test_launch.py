@@ -382,7 +382,8 @@ def test_sbatch_on_real_slurm_requeues_and_resumes(tmp_path):
     assert _job_state(job) in ("COMPLETED", "GONE"), text[-3000:]
   finally:
     subprocess.run(["scancel", job], capture_output=True)
-  assert "jax.distributed.initialize(): SLURM step with 2 tasks" in text
+  # both tasks start JAX's SLURM detection (no address given), before and after the requeue
+  assert text.count("hvq train: jax.distributed.initialize(): --distributed=on") == 4
   assert "hvq train exited with code 75 (job" in text and "requeueing job" in text
   assert "resumed from step" in text
   assert "hvq train exited with code 0" in text and "restart 1)" in text
