@@ -73,7 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
       # scale 1 +- s, RGB permutation probability; 0 turns each off
       color_hue_deg=0.0, color_saturation=0.0, color_permute=0.0,
   ))
-  config.eval = ml_collections.ConfigDict(dict(enabled=True, image_size=256))
+  # held-out figures at the end of training: centre crops of image_size; a TFDS eval
+  # split contributes its first num_images
+  config.eval = ml_collections.ConfigDict(dict(enabled=True, image_size=256, num_images=16))
   # Device mesh (sharding.py): batch over data x fsdp, large params split over fsdp.
   config.mesh = ml_collections.ConfigDict(dict(
       axes=("data", "fsdp"), shape=(-1, 1), fsdp_min_size=2 ** 18))

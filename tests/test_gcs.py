@@ -149,8 +149,6 @@ def test_train_resume_and_code_from_gs(gs_run, trainer, straight, tmp_path, monk
   assert os.listdir(cwd) == []
 
 
-@pytest.mark.xfail(strict=True, reason="codec.load_model still looks the checkpoint up with "
-                   "os.path; it should call checkpoint.find_checkpoints (hvq_jax/codec/model.py)")
 def test_compress_from_gs_workdir(gs_run, tmp_path, monkeypatch):
   from hvq_jax import cli, images
   from PIL import Image
