@@ -68,6 +68,9 @@ def _train(argv):
       except (ValueError, RuntimeError) as e:
         sys.exit(f"hvq train: jax.distributed.initialize() failed ({e}); on a single machine "
                  "use --distributed=off, elsewhere check the launcher's environment")
+    from hvq_jax import compile_cache
+    # a restart, preemption resume or re-launched slice finds its programs compiled
+    compile_cache.enable(ckpt_lib.join(ckpt_lib.normalize(f.workdir), "jax_cache"))
     try:
       out = train.train_and_evaluate(f.config, f.workdir, progress=f.progress,
                                      allow_config_change=f.allow_config_change)
@@ -156,6 +159,8 @@ def _codec_command(cmd, argv):
 
   from tqdm import tqdm
   from PIL import Image
+  from hvq_jax import compile_cache
+  compile_cache.enable()   # the user cache: a second `hvq decompress` does not recompile
   from hvq_jax import codec
   from hvq_jax import images
   from hvq_jax.entropy.bitstream import BitstreamError
@@ -236,6 +241,8 @@ def _eval(argv):
   ap.add_argument("--no-recon", action="store_true", help="do not save our reconstructions")
   ap.add_argument("--no-progress", action="store_true")
   a = ap.parse_args(argv)
+  from hvq_jax import compile_cache
+  compile_cache.enable()
   from hvq_jax import codec
   from hvq_jax.evaluation import evaluate
   from hvq_jax import images
