@@ -25,7 +25,8 @@ def _cli(*a):
 
 
 @pytest.mark.parametrize("name,crop", [("coffee", (slice(0, 64), slice(0, 80))),
-                                        ("chelsea", (slice(0, 45), slice(0, 71)))])
+                                       pytest.param("chelsea", (slice(0, 45), slice(0, 71)),
+                                                    marks=pytest.mark.slow)])   # odd size: a recompile
 def test_torch_model_matches_jax(micro_codec, exported, name, crop):
   from hvq_jax.interop.torch_model import from_safetensors
   net = from_safetensors(exported)

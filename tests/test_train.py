@@ -88,7 +88,9 @@ def test_resume_mid_run_is_bitwise_exact(straight, trainer, tmp_path):
   assert _steps_logged(mine) == [3]
 
 
-@pytest.mark.parametrize("flow", ["num_steps_0", "killed_before_first_checkpoint", "import"])
+@pytest.mark.parametrize("flow", ["num_steps_0",   # the README's flow in the fast suite
+                                  pytest.param("killed_before_first_checkpoint", marks=pytest.mark.slow),
+                                  pytest.param("import", marks=pytest.mark.slow)])
 def test_step0_workdir_resumes(flow, straight, trainer, tmp_path):
   """A workdir whose newest checkpoint is step 0 trains on (Orbax used to refuse saving
   step 0 again) and gives the straight run's numbers."""

@@ -5,7 +5,10 @@ Runs are local subprocesses one after another (`hvq train`, then `hvq eval`), or
 `eval/summary.json` exists is skipped, so re-running a sweep finishes what is missing.
 Outputs in WORKDIR: `table.csv`, `table.md` (one row per run and setting, with the
 hyperprior's saving over the static histogram), `branches.csv`/`.md` (bits per index of
-each stream: granularity, or residual-VQ stage) and `rd_*.png/svg` across runs.
+each stream: granularity, or residual-VQ stage), `pairs.csv`/`.md` (every two runs against
+each other: BD-rate where their PSNR ranges overlap, Pareto dominance of their points, and the
+pure bit ratio where both decode to the same pixels, as a plug-in prior and its tokenizer do)
+and `rd_*.png/svg` across runs.
 """
 import csv
 import itertools
@@ -129,7 +132,53 @@ def collect(workdir: str, run_dirs: Sequence[str]) -> List[Dict]:
   _write_table(branch_rows, ["run", "branch", "indices", "hyperprior_y", "z", "static",
                              "saving_vs_static", "gaussian_y", "chosen_mahalanobis_rms",
                              "log2_sigma", "chosen_is_mode"], os.path.join(workdir, "branches"))
+  _write_table(compare(rows), PAIR_FIELDS, os.path.join(workdir, "pairs"))
   return rows
+
+
+PAIR_FIELDS = ["run_a", "run_b", "bd_rate_psnr_b_vs_a", "a_points_dominated_by_b",
+               "b_points_dominated_by_a", "same_pixels", "bits_ratio_b_over_a"]
+
+
+def _dominated(p: Dict, q: Dict) -> bool:
+  """q is at least as good as p on both axes and better on one (fewer bits, higher PSNR)."""
+  return q["bpp"] <= p["bpp"] and q["psnr"] >= p["psnr"] and (q["bpp"] < p["bpp"] or
+                                                                q["psnr"] > p["psnr"])
+
+
+def compare(rows: Sequence[Dict], same_psnr_db: float = 0.01) -> List[Dict]:
+  """Every two runs of a sweep against each other, from their table rows.
+
+  "Left of" is decided by Pareto dominance of the measured points (no fitted curve can
+  flatter a run). BD-rate (PSNR, pchip) only where the two PSNR ranges overlap: models that
+  did not learn lambda conditioning give near-constant PSNR and no shared interval. Two runs
+  with the same settings and PSNR within `same_psnr_db` at each decode to the same pixels
+  (a plug-in prior on its source tokenizer): then the mean bits ratio is the pure saving.
+  """
+  from hvq_jax.evaluation import bd_rate
+  by_run: Dict[str, List[Dict]] = {}
+  for r in rows:
+    if r.get("bpp") is not None and r.get("psnr") is not None:
+      by_run.setdefault(r["run"], []).append(r)
+  out = []
+  names = list(by_run)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      pa, pb = by_run[a], by_run[b]
+      try:
+        bd = bd_rate.bd_rate([p["bpp"] for p in pa], [p["psnr"] for p in pa],
+                             [p["bpp"] for p in pb], [p["psnr"] for p in pb])
+      except ValueError:
+        bd = None
+      sa, sb = {p["setting"]: p for p in pa}, {p["setting"]: p for p in pb}
+      same = set(sa) == set(sb) and all(abs(sa[k]["psnr"] - sb[k]["psnr"]) <= same_psnr_db
+                                        for k in sa)
+      ratio = (sum(sb[k]["bpp"] / sa[k]["bpp"] for k in sa) / len(sa)) if same else None
+      out.append(dict(run_a=a, run_b=b, bd_rate_psnr_b_vs_a=bd,
+                      a_points_dominated_by_b=f"{sum(any(_dominated(p, q) for q in pb) for p in pa)}/{len(pa)}",
+                      b_points_dominated_by_a=f"{sum(any(_dominated(q, p) for p in pa) for q in pb)}/{len(pb)}",
+                      same_pixels=same, bits_ratio_b_over_a=ratio))
+  return out
 
 
 def main(argv):
