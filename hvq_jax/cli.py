@@ -157,14 +157,14 @@ def _codec_command(cmd, argv):
   ap.add_argument("--no-progress", action="store_true")
   a = ap.parse_args(argv)
 
-  from tqdm import tqdm
+  # Only what coding needs: no flax unless a program has to be traced, no Orbax for a local
+  # checkpoint, no training or evaluation stack (tests/test_codec_load.py checks).
   from PIL import Image
   from hvq_jax import compile_cache
   compile_cache.enable()   # the user cache: a second `hvq decompress` does not recompile
   from hvq_jax import codec
   from hvq_jax import images
   from hvq_jax.entropy.bitstream import BitstreamError
-  from hvq_jax.nn.model import ConfigError
 
   exts = images.IMAGE_EXTENSIONS if cmd == "compress" else (".hvq",)
   files, to_folder = _inputs(a.inputs, exts)
@@ -202,8 +202,11 @@ def _codec_command(cmd, argv):
   except codec.CheckpointError as e:
     sys.exit(f"hvq {cmd}: {e}")
   failures = 0
-  for path, out in tqdm(list(zip(files, outs)), disable=a.no_progress or len(files) == 1,
-                        unit="img"):
+  jobs = list(zip(files, outs))
+  if not (a.no_progress or len(files) == 1):
+    from tqdm import tqdm
+    jobs = tqdm(jobs, unit="img")
+  for path, out in jobs:
     try:
       if cmd == "compress":
         data = codec.compress(model, images.read_image(path), lmbda=a.lmbda, ratios=ratios,
@@ -216,7 +219,7 @@ def _codec_command(cmd, argv):
           img = decode(f.read())
         write = lambda tmp: Image.fromarray(img).save(tmp, format="PNG")
       _atomic_write(out, write)
-    except (BitstreamError, images.ImageError, ConfigError, OSError, ValueError) as e:
+    except (BitstreamError, images.ImageError, OSError, ValueError) as e:   # ConfigError too
       failures += 1
       print(f"hvq {cmd}: {path}: {e}", file=sys.stderr)
   return 1 if failures else 0

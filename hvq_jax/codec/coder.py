@@ -16,12 +16,25 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from hvq_jax import compile_cache
 from hvq_jax import images as images_lib
 from hvq_jax import layout
 from hvq_jax.codec.model import CodecModel
 from hvq_jax.entropy import bitstream, integer, streams
 from hvq_jax.entropy.bitstream import BitstreamError
-from hvq_jax.nn import model as model_lib
+
+
+def _one_blas_thread():
+  """The integer hyper-synthesis (entropy/integer.py) is many small float64 matmuls:
+  OpenBLAS's threads only add overhead there, and spin against any other load on the
+  machine (768x512 decode on 2 busy cores: 1.4-2.4 s threaded, 0.13-0.19 s on one thread).
+  Its results are exact integers whatever the summation order, so this changes no number.
+  threadpoolctl comes with scikit-learn; without it, BLAS keeps its threads."""
+  try:
+    import threadpoolctl
+  except ImportError:
+    return contextlib.nullcontext()
+  return threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 @contextlib.contextmanager
@@ -35,18 +48,42 @@ def _stage(timings: Optional[dict], name: str):
   timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
 
 
+def _method_fn(model, method):
+  from hvq_jax.nn import model as model_lib
+  fn = getattr(model_lib.HVQ, method)
+  return lambda params, *a: model.apply({"params": params}, *a, method=fn)
+
+
+def _decoder(model, out_hw):
+  from hvq_jax.nn import model as model_lib
+  def f(p, idx, gmap):
+    x = model.apply({"params": p}, idx, gmap, out_hw, method=model_lib.HVQ.decode_latents)
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+  return f
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(model, method):
-  fn = getattr(model_lib.HVQ, method)
-  return jax.jit(lambda params, *a: model.apply({"params": params}, *a, method=fn))
+  return jax.jit(_method_fn(model, method))
 
 
 @functools.lru_cache(maxsize=None)
 def _decode_fn(model, out_hw):
-  def f(p, idx, gmap):
-    x = model.apply({"params": p}, idx, gmap, out_hw, method=model_lib.HVQ.decode_latents)
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-  return jax.jit(f)
+  return jax.jit(_decoder(model, out_hw))
+
+
+# The codec's programs go through compile_cache.executable: with the cache on, a later
+# process loads them compiled (no tracing, no flax); without it, they are these jax.jit.
+def _encode_program(model: CodecModel, args):
+  return compile_cache.executable(
+      "encode_latents", lambda: _method_fn(model.model, "encode_latents"), args,
+      model.program_key)
+
+
+def _decode_program(model: CodecModel, out_hw, args):
+  return compile_cache.executable(
+      "decode_latents", lambda: _decoder(model.model, tuple(out_hw)), args,
+      f"{model.program_key}\nout_hw={tuple(out_hw)}")
 
 
 def prepare_image(model: CodecModel, image) -> np.ndarray:
@@ -202,13 +239,20 @@ def pad_image(img: np.ndarray, multiple: int) -> np.ndarray:
 def encode_latents(model: CodecModel, img: np.ndarray, lmbda: float, ratios) -> dict:
   """uint8 [H, W, 3] -> host numpy {gmap [1, hc, wc], indices {branch}, z {branch}} (padded input)."""
   xp = pad_image(np.asarray(img, np.uint8), model.cfg.strides[0])
+  # Eager jnp, as the encoder has always been fed: XLA computes this division (by a
+  # reciprocal on CPU) differently from numpy, and differently again fused into a program.
   x = jnp.asarray(xp[None], jnp.float32) / 127.5 - 1.0
-  return jax.device_get(_jitted(model.model, "encode_latents")(
-      model.params, x, jnp.full((1,), lmbda, jnp.float32), jnp.asarray(ratios, jnp.float32)))
+  args = (model.params, x, np.full((1,), lmbda, np.float32), np.asarray(ratios, np.float32))
+  return jax.device_get(_encode_program(model, args)(*args))
 
 
 def _check_settings(lmbda: float, ratios) -> None:
-  model_lib.check_ratios(ratios)
+  r = [float(v) for v in ratios]
+  if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
+    # nn.model.check_ratios's rule, tested here first so that valid settings do not import
+    # flax; it raises the error.
+    from hvq_jax.nn import model as model_lib
+    model_lib.check_ratios(ratios)
   if not (np.isfinite(lmbda) and lmbda > 0):
     raise ValueError(f"lambda must be a positive number, got {lmbda}")
 
@@ -245,8 +289,9 @@ def compress(model: CodecModel, image, lmbda: Optional[float] = None,
     if model.hyper_on:
       known[("z", k)] = (np.clip(np.round(lat["z"][k][0]), -r, r) + r).astype(np.int32)
   rec = streams.Recorder(known, h, w, counts)
-  streams.walk(rec, model.tables, model.cfg, r, counts, hp, wp, model.index_weights,
-               functools.partial(_stage, timings))
+  with _one_blas_thread():
+    streams.walk(rec, model.tables, model.cfg, r, counts, hp, wp, model.index_weights,
+                 functools.partial(_stage, timings))
   with _stage(timings, "range_coding"):
     payload = bitstream.encode_streams(rec.streams)
   if stats is not None:
@@ -279,8 +324,8 @@ def decompress(model: CodecModel, data: bytes, timings: Optional[dict] = None) -
   header, indices, gmap = decode_indices(model, data, timings)
   hp, wp = layout.padded_size(header.height, header.width, model.cfg.strides[0])
   with _stage(timings, "model"):
-    out = jax.device_get(_decode_fn(model.model, (hp, wp))(
-        model.params, {k: jnp.asarray(v) for k, v in indices.items()}, jnp.asarray(gmap)))
+    args = (model.params, {k: np.asarray(v) for k, v in indices.items()}, np.asarray(gmap))
+    out = jax.device_get(_decode_program(model, (hp, wp), args)(*args))
   return np.asarray(out)[0, :header.height, :header.width]
 
 
@@ -290,9 +335,10 @@ def decode_indices(model: CodecModel, data: bytes, timings: Optional[dict] = Non
   header, payload, hw = streams.read_header(data, model.fingerprint, model.cfg,
                                            model.codec["max_pixels"])
   check_size(model, header.height, header.width, BitstreamError, decode_only=True)
-  gmap, indices = streams.decode(model.tables, model.cfg, int(model.codec["z_range"]),
-                                 header, payload, hw, model.index_weights,
-                                 functools.partial(_stage, timings))
+  with _one_blas_thread():
+    gmap, indices = streams.decode(model.tables, model.cfg, int(model.codec["z_range"]),
+                                   header, payload, hw, model.index_weights,
+                                   functools.partial(_stage, timings))
   return header, indices, gmap
 
 

@@ -1,8 +1,10 @@
 """A trained model ready to code: params, config, fingerprint and the integer entropy tables.
 
-Loading needs no trainer: the params' shapes come from `jax.eval_shape` of the model's
-init and Orbax restores only the `params` (or EMA params) subtree of the training state,
-so compressing an image imports neither optax nor the discriminator.
+Loading needs no trainer and no model init: a local checkpoint's params are read straight
+through TensorStore (`checkpoint.read_params`), others restored by Orbax with the shapes
+the checkpoint's metadata lists, so compressing an image imports neither optax nor the
+discriminator, and decoding one with warm caches (`compile_cache.executable`) not even
+flax: the networks are built only when a program has to be traced.
 """
 import functools
 import hashlib
@@ -15,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from hvq_jax import checkpoint as ckpt_lib
+from hvq_jax import compile_cache
 from hvq_jax import layout
 from hvq_jax.entropy import integer
-from hvq_jax.nn import model as model_lib
 
 # z_range: z_hat is clipped to [-z_range, z_range] before it is coded; weight_bits: the
 # integer hyper-synthesis' weights; max_pixels: the largest image accepted;
@@ -77,27 +79,50 @@ def build_tables(params, model_cfg, codec: dict) -> Dict[str, integer.BranchTabl
 
 
 class CodecModel:
-  """Params, config, fingerprint and integer tables of one model, on one device."""
+  """Params, config, fingerprint and integer tables of one model, on one device.
 
-  def __init__(self, config, params):
+  `model` (the flax module) is built on first use; `CodecModel(config, params)` builds it
+  at once, which checks the config (`nn.model.validate`). `load_model` skips that: a
+  checkpoint's config was checked when its run built the model, and a codec command whose
+  programs are all in the executable cache never needs the module.
+  """
+
+  def __init__(self, config, params, _build_model: bool = True):
     self.config = config
     self.cfg = config.model
-    self.model = model_lib.build(config.model)
+    self._model = None
+    if _build_model:
+      self._model = self.model
     self.params = params
     codec = dict(DEFAULT_CODEC)
     codec.update({k: v for k, v in (config.get("codec", {}) or {}).items() if k in DEFAULT_CODEC})
     self.codec = codec
     self.hyper_on = bool(self.cfg.hyperprior.get("enabled", True))
     self.branches = layout.branches(self.cfg)
-    leaves = jax.tree.leaves(jax.device_get(params))
+    host = jax.device_get(params)
+    leaves = jax.tree.leaves(host)
     if not all(np.isfinite(np.asarray(a)).all() for a in leaves):
       raise CheckpointError("the checkpoint's params hold NaN or Inf (a diverged run?): "
                             "this model cannot code; restore an earlier step")
-    self.fingerprint = fingerprint(params, config.model, codec)
-    self.tables = build_tables(params, self.cfg, codec)
+    self.fingerprint = fingerprint(host, config.model, codec)
+    self.tables = build_tables(host, self.cfg, codec)
     self._device_tables = {k: _device_tables(t) for k, t in self.tables.items()} if self.hyper_on else {}
     self.default_lmbda = float(config.rd.lmbda)
     self.default_ratios = tuple(float(v) for v in config.granularity.ratios)
+
+  @property
+  def model(self):
+    """The flax module (`nn.model.HVQ`), built on first use."""
+    if self._model is None:
+      from hvq_jax.nn import model as model_lib
+      self._model = model_lib.build(self.cfg)
+    return self._model
+
+  @functools.cached_property
+  def program_key(self) -> str:
+    """What the compiled networks depend on besides argument shapes: the model config
+    (compute settings included)."""
+    return json.dumps(json.loads(self.cfg.to_json()), sort_keys=True)
 
   def index_weights(self, key: str, mu: np.ndarray, ls: np.ndarray) -> np.ndarray:
     """Integer index weights [n, K] as float32, built on the default device in fixed-size
@@ -110,9 +135,14 @@ class CodecModel:
     pad = -n % chunk
     mu = np.pad(np.asarray(mu, np.int32), ((0, pad), (0, 0)))
     ls = np.pad(np.asarray(ls, np.int32), ((0, pad), (0, 0)), constant_values=self.tables[key].ls_lo)
-    parts = [_index_weights_jit(jnp.asarray(mu[s:s + chunk]), jnp.asarray(ls[s:s + chunk]),
-                                *t["arrays"], t["ls_lo"], t["total_hyper"])
-             for s in range(0, n + pad, chunk)]
+    run = None
+    parts = []
+    for s in range(0, n + pad, chunk):
+      args = (jnp.asarray(mu[s:s + chunk]), jnp.asarray(ls[s:s + chunk]), *t["arrays"],
+              t["ls_lo"], t["total_hyper"])
+      if run is None:
+        run = compile_cache.executable("index_weights", lambda: _index_weights_fn, args)
+      parts.append(run(*args))
     for i, p in enumerate(parts):
       s = i * chunk
       out[s:min(s + chunk, n)] = np.asarray(p)[:min(chunk, n - s)]
@@ -125,35 +155,59 @@ def _device_tables(t: integer.BranchTables):
   return dict(arrays=arrays, ls_lo=jnp.int32(t.ls_lo), total_hyper=jnp.int32(t.total_hyper))
 
 
-@jax.jit
-def _index_weights_jit(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_table, ls_lo,
-                       total_hyper):
+def _index_weights_fn(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_table, ls_lo,
+                      total_hyper):
   w = integer.index_weights(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_table,
                             ls_lo, total_hyper, xp=jnp)
   return w.astype(jnp.float32)   # exact: every weight is below 2^24
 
 
+_index_weights_jit = jax.jit(_index_weights_fn)
+
+
 def load_params(ckpt_dir: str, step: Optional[int] = None):
   """(config, params) of a training workdir or its `checkpoints/` folder (local or a URL
-  such as gs://...): EMA params when the run kept them. Restores the params subtree only,
-  with shapes from `jax.eval_shape` of the model's init, onto one device."""
+  such as gs://...): EMA params when the run kept them, onto one device. Restores the
+  params subtree only, with the shapes and dtypes stored in the checkpoint: a local one
+  through TensorStore without Orbax (`checkpoint.read_params`), otherwise through Orbax
+  with the structure the checkpoint's metadata lists."""
   d = ckpt_lib.find_checkpoints(ckpt_dir)
   if d is None:
     raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  found = ckpt_lib.local_step_config(d, step)
+  if found is not None:
+    config = ml_collections.ConfigDict(found[1])
+    params = ckpt_lib.read_params(d, found[0], _params_key(config))
+    if params is not None:
+      return config, jax.device_put(params, one)
+  return _restore_with_orbax(ckpt_dir, d, step, one)
+
+
+def _params_key(config) -> str:
+  return "ema_params" if config.train.get("ema_decay", 0.0) > 0 else "params"
+
+
+def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_init: bool = False):
+  """`load_params` through Orbax's CheckpointManager; `from_init`: the shapes from
+  `jax.eval_shape` of the model's init (what the codec did before it read them from the
+  checkpoint's metadata; kept as the fallback, and to compare with)."""
   ck = ckpt_lib.Checkpointer(d, async_save=False)
   try:
     if ck.latest_step() is None:
       raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
     config = ml_collections.ConfigDict(ck.restore_config(step))
-    model = model_lib.build(config.model)
-    abstract = jax.eval_shape(functools.partial(model_lib.init_params, model,
-                                                image_size=int(config.image_size)),
-                              jax.random.PRNGKey(0))
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                            abstract)
-    key = "ema_params" if config.train.get("ema_decay", 0.0) > 0 else "params"
-    params = ck.restore_params(step, {key: abstract})[key]
+    key = _params_key(config)
+    params = None if from_init else ck.restore_subtree(step, key, one)
+    if params is None:
+      from hvq_jax.nn import model as model_lib
+      model = model_lib.build(config.model)
+      abstract = jax.eval_shape(functools.partial(model_lib.init_params, model,
+                                                  image_size=int(config.image_size)),
+                                jax.random.PRNGKey(0))
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                              abstract)
+      params = ck.restore_params(step, {key: abstract})[key]
   finally:
     ck.close()
   return config, params
@@ -161,4 +215,4 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
 
 def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
   """A CodecModel from a training workdir or its `checkpoints/` folder (`load_params`)."""
-  return CodecModel(*load_params(ckpt_dir, step))
+  return CodecModel(*load_params(ckpt_dir, step), _build_model=False)
