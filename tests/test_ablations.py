@@ -175,3 +175,17 @@ def test_sweep_compare_pairs():
   two = pts("a", [(0.2, 20.0), (0.4, 22.0)]) + pts("b", [(0.1, 20.0), (0.2, 22.0)])
   bd = sweep.compare(two)[0]["bd_rate_psnr_b_vs_a"]
   assert bd == pytest.approx(-50.0)                            # half the rate at every PSNR
+
+
+def test_sweep_skips_a_plug_in_whose_tokenizer_failed(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_run(argv, *a, **k):
+    calls.append(argv)
+    return type("R", (), {"returncode": int(argv[3] == "train" and argv[
+        argv.index("--workdir") + 1].endswith("hyperprior_off"))})()
+
+  monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+  rc = sweep.main(["--config", "configs/ablations.py", "--workdir", str(tmp_path),
+                   "--variants", "hyperprior_off", "--plug-in"])
+  assert rc == 1 and len(calls) == 1 and calls[0][3] == "train"   # no eval, no plug-in run

@@ -214,6 +214,11 @@ def main(argv):
     if os.path.isfile(os.path.join(d, "eval", "summary.json")):
       print(f"[{i + 1}/{len(runs)}] {d}: done, skipped")
       continue
+    src = [x.split("=", 1)[1] for x in t if x.startswith("--config.train.init_from=")]
+    if src and src[0] in failed:
+      failed.append(d)
+      print(f"[{i + 1}/{len(runs)}] {d}: skipped, its tokenizer run {src[0]} failed", file=sys.stderr)
+      continue
     print(f"[{i + 1}/{len(runs)}] {d}")
     for argv_ in (t, e):
       r = subprocess.run([sys.executable, "-m", "hvq_jax.cli"] + argv_)
