@@ -12,7 +12,10 @@ checkpoint, compiling or loading programs, coding, writing the file), timed from
 
 cold: a new, empty cache directory for every run (XDG_CACHE_HOME; JAX_COMPILATION_CACHE_DIR
 unset), so everything compiles. warm: one cache directory that an untimed run of the
-same command filled first. The image is the 768x512 crop of the bundled retina photo
+same command filled first; the processes run in a scratch folder, so the package comes from
+the environment (installed, or PYTHONPATH). Besides wall time, each run's CPU time (user +
+system, all threads) is kept: on a shared machine it varies far less than wall time.
+The image is the 768x512 crop of the bundled retina photo
 that benchmarks/codec.py codes (Kodak's size). Medians of --repeats runs; every run is
 kept in the JSON, with the machine (cores, CPU, load average before and after: other
 work on the machine slows every figure) and the versions.
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -46,11 +50,11 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def _versions() -> dict:
+def _versions(cwd: str) -> dict:
   out = subprocess.run([sys.executable, "-c", "import jax, jaxlib, flax, orbax.checkpoint as o, "
                         "hvq_jax; print(jax.__version__, jaxlib.__version__, flax.__version__, "
                         "o.__version__, hvq_jax.__file__)"],
-                       capture_output=True, text=True, check=True).stdout.split()
+                       capture_output=True, text=True, check=True, cwd=cwd).stdout.split()
   return dict(jax=out[0], jaxlib=out[1], flax=out[2], orbax=out[3], hvq_jax=os.path.dirname(out[4]))
 
 
@@ -69,13 +73,19 @@ def _env(cache_home: str) -> dict:
   return env
 
 
-def _run(argv, cache_home: str) -> float:
-  t = time.perf_counter()
-  r = subprocess.run(argv, env=_env(cache_home), capture_output=True, text=True)
-  dt = time.perf_counter() - t
+def _cpu_children() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
+
+
+def _run(argv, cache_home: str, cwd: str):
+  """(wall seconds, CPU seconds: user + system of the process and its threads)."""
+  c, t = _cpu_children(), time.perf_counter()
+  r = subprocess.run(argv, env=_env(cache_home), capture_output=True, text=True, cwd=cwd)
+  dt, dc = time.perf_counter() - t, _cpu_children() - c
   if r.returncode != 0:
     raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
-  return dt
+  return dt, dc
 
 
 def main():
@@ -92,12 +102,12 @@ def main():
   hvq = [sys.executable, "-m", "hvq_jax.cli"]
   try:
     load_before = os.getloadavg()
-    ckpt = a.checkpoint
+    ckpt = a.checkpoint and os.path.abspath(a.checkpoint)
     if ckpt is None:
       ckpt = os.path.join(work, "ckpt")
       subprocess.run(hvq + ["train", "--workdir", ckpt, "--config.train.num_steps=0",
                             "--progress=false"], check=True, env=_env(os.path.join(work, "c0")),
-                     stdout=subprocess.DEVNULL)
+                     stdout=subprocess.DEVNULL, cwd=work)
     from PIL import Image
     from hvq_jax import images
     img = images.bundled_photo("retina")[300:812, 300:1068]
@@ -106,7 +116,7 @@ def main():
     Image.fromarray(img).save(png)
     hvq_file = os.path.join(work, "ref.hvq")
     _run(hvq + ["compress", png, "-o", hvq_file, "--checkpoint", ckpt],
-         os.path.join(work, "prime"))
+         os.path.join(work, "prime"), work)
     commands = {
         "import": [sys.executable, "-c", "import hvq_jax.cli"],
         "compress": hvq + ["compress", png, "-o", os.path.join(work, "o.hvq"), "--checkpoint", ckpt],
@@ -121,18 +131,24 @@ def main():
       cold = []
       for i in range(a.repeats):
         d = os.path.join(work, f"cold_{name}_{i}")
-        cold.append(_run(argv, d))
+        cold.append(_run(argv, d, work))
         shutil.rmtree(d, ignore_errors=True)
       warm_dir = os.path.join(work, f"warm_{name}")
-      _run(argv, warm_dir)   # fills the cache
-      warm = [_run(argv, warm_dir) for _ in range(a.repeats)]
-      results[name] = dict(cold_s=statistics.median(cold), warm_s=statistics.median(warm),
-                           cold_runs_s=cold, warm_runs_s=warm)
-      print(f"{name:16s} cold {results[name]['cold_s']:6.2f} s   warm {results[name]['warm_s']:6.2f} s"
-            f"   (runs: cold {', '.join(f'{v:.2f}' for v in cold)}; warm "
-            f"{', '.join(f'{v:.2f}' for v in warm)})", flush=True)
+      _run(argv, warm_dir, work)   # fills the cache
+      warm = [_run(argv, warm_dir, work) for _ in range(a.repeats)]
+      med = lambda runs, i: statistics.median(r[i] for r in runs)
+      results[name] = dict(cold_s=med(cold, 0), warm_s=med(warm, 0),
+                           cold_cpu_s=med(cold, 1), warm_cpu_s=med(warm, 1),
+                           cold_runs_s=[r[0] for r in cold], warm_runs_s=[r[0] for r in warm],
+                           cold_runs_cpu_s=[r[1] for r in cold],
+                           warm_runs_cpu_s=[r[1] for r in warm])
+      r = results[name]
+      print(f"{name:16s} cold {r['cold_s']:6.2f} s (cpu {r['cold_cpu_s']:6.2f})   warm "
+            f"{r['warm_s']:6.2f} s (cpu {r['warm_cpu_s']:6.2f})   runs: cold "
+            f"{', '.join(f'{v:.2f}' for v in r['cold_runs_s'])}; warm "
+            f"{', '.join(f'{v:.2f}' for v in r['warm_runs_s'])}", flush=True)
     load_after = os.getloadavg()
-    hvq_dir = _versions()
+    hvq_dir = _versions(work)
     entry = dict(
         commit=_git_commit(hvq_dir["hvq_jax"]), when=time.strftime("%Y-%m-%d %H:%M:%S"),
         repeats=a.repeats, checkpoint=a.checkpoint or "hvq train --config.train.num_steps=0",
@@ -147,10 +163,12 @@ def main():
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
-  print(f"\n{'command':16s} {'cold s':>8s} {'warm s':>8s}   ({a.label}, {entry['commit']}, "
-        f"{entry['machine']['cpu_count']} cores, load {load_before[0]:.1f} -> {load_after[0]:.1f})")
+  print(f"\n{'command':16s} {'cold s':>8s} {'warm s':>8s} {'cold cpu':>9s} {'warm cpu':>9s}   "
+        f"({a.label}, {entry['commit']}, {entry['machine']['cpu_count']} cores, load "
+        f"{load_before[0]:.1f} -> {load_after[0]:.1f})")
   for name, r in results.items():
-    print(f"{name:16s} {r['cold_s']:8.2f} {r['warm_s']:8.2f}")
+    print(f"{name:16s} {r['cold_s']:8.2f} {r['warm_s']:8.2f} {r['cold_cpu_s']:9.2f} "
+          f"{r['warm_cpu_s']:9.2f}")
   doc = {}
   if os.path.exists(a.out):
     with open(a.out) as f:

@@ -144,10 +144,7 @@ class _Loaded:
       jax.block_until_ready(out)
     except jax.errors.JaxRuntimeError:
       _remove(self.path)
-      try:   # this machine's executables do not survive a round trip: stop making them
-        open(self.path + ".broken", "w").close()
-      except OSError:
-        pass
+      _mark_broken(self.path)   # executables do not survive a round trip here: stop making them
       self.compiled = jax.jit(self.make_fn())
       out = self.compiled(*args)
     self.checked = True
@@ -159,6 +156,15 @@ def _renamed(fn: Callable, name: str) -> Callable:
     return fn(*args)
   program.__name__ = program.__qualname__ = name
   return program
+
+
+def _mark_broken(path: str) -> None:
+  """`executable` uses plain jax.jit (and JAX's cache) for this program from now on."""
+  try:
+    with open(path + ".broken", "w"):
+      pass
+  except OSError:
+    pass
 
 
 def _remove(path: str) -> None:
@@ -193,30 +199,39 @@ def executable(name: str, make_fn: Callable[[], Callable], args: tuple, key: str
     _memo[memo_key] = fn
     return fn
   from jax.experimental import serialize_executable as se
-  fn = None
+  leaves = [a for a in jax.tree.leaves(args) if isinstance(a, jax.Array)]
+  devices = sorted({dv for a in leaves for dv in a.sharding.device_set}, key=lambda dv: dv.id)
+  devices = devices or [jax.devices()[0]]
   if os.path.exists(path):
     try:
       with open(path, "rb") as f:
         payload, in_tree, out_tree = pickle.loads(zlib.decompress(f.read()))
-      fn = _Loaded(se.deserialize_and_load(payload, in_tree, out_tree), make_fn, path)
-    except Exception:   # unreadable, truncated, another jaxlib's: compile afresh
+      fn = _Loaded(se.deserialize_and_load(payload, in_tree, out_tree,
+                                           execution_devices=devices), make_fn, path)
+    except Exception:   # not loadable here: plain jax.jit from now on (JAX's cache)
       _remove(path)
-      fn = None
-  if fn is None:
-    # Compiled here, never taken from JAX's cache: an executable that JAX loaded from its
-    # cache serialises without its kernels on XLA:CPU (jax 0.10: "Function ... not found"
-    # once loaded). The program gets a name of its own (so a cache key, and an in-memory
-    # entry, that no plain jax.jit of `make_fn()` shares: same computation, same machine
-    # code), and with the minimum compile time out of reach JAX never stores it.
-    before = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+      _mark_broken(path)
+      fn = jax.jit(make_fn())
+    _memo[memo_key] = fn
+    return fn
+  # Compiled here, never taken from JAX's cache: an executable that JAX loaded from its
+  # cache serialises without its kernels on XLA:CPU (jax 0.10: "Function ... not found"
+  # once loaded). The program gets a name of its own (so a cache key, and an in-memory
+  # entry, that no plain jax.jit of `make_fn()` shares: same computation, same machine
+  # code), and with the minimum compile time out of reach JAX never stores it.
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+  try:
+    fn = jax.jit(_renamed(make_fn(), f"hvq_executable_{name}")).lower(*args).compile()
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+  try:
+    blob = zlib.compress(pickle.dumps(se.serialize(fn)), 1)
+  except Exception:   # not serialisable on this backend: plain jax.jit from now on
+    _mark_broken(path)
+    blob = None
+  if blob is not None:
     try:
-      compiled = jax.jit(_renamed(make_fn(), f"hvq_executable_{name}")).lower(*args).compile()
-    finally:
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
-    fn = compiled
-    try:
-      blob = zlib.compress(pickle.dumps(se.serialize(compiled)), 1)
       os.makedirs(d, exist_ok=True)
       fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pkl")
       try:
@@ -229,7 +244,7 @@ def executable(name: str, make_fn: Callable[[], Callable], args: tuple, key: str
       except BaseException:
         _remove(tmp)
         raise
-    except Exception:   # not serialisable here, or a read-only cache: run it uncached
+    except OSError:   # a read-only cache: run it uncached
       pass
   _memo[memo_key] = fn
   return fn
