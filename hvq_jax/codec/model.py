@@ -138,7 +138,7 @@ class CodecModel:
     run = None
     parts = []
     for s in range(0, n + pad, chunk):
-      args = (jnp.asarray(mu[s:s + chunk]), jnp.asarray(ls[s:s + chunk]), *t["arrays"],
+      args = (jax.device_put(mu[s:s + chunk]), jax.device_put(ls[s:s + chunk]), *t["arrays"],
               t["ls_lo"], t["total_hyper"])
       if run is None:
         run = compile_cache.executable("index_weights", lambda: _index_weights_fn, args)
@@ -150,9 +150,12 @@ class CodecModel:
 
 
 def _device_tables(t: integer.BranchTables):
-  arrays = tuple(jnp.asarray(a) for a in (t.codebook, t.inv_mant, t.inv_shift, t.bias,
-                                          t.static, integer.EXP_TABLE))
-  return dict(arrays=arrays, ls_lo=jnp.int32(t.ls_lo), total_hyper=jnp.int32(t.total_hyper))
+  # jax.device_put, not jnp.asarray: the same int32 arrays without compiling a copy
+  # program per shape in every process.
+  arrays = tuple(jax.device_put(np.asarray(a, np.int32)) for a in (
+      t.codebook, t.inv_mant, t.inv_shift, t.bias, t.static, integer.EXP_TABLE))
+  return dict(arrays=arrays, ls_lo=jax.device_put(np.int32(t.ls_lo)),
+              total_hyper=jax.device_put(np.int32(t.total_hyper)))
 
 
 def _index_weights_fn(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_table, ls_lo,
