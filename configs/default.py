@@ -68,7 +68,17 @@ def get_config() -> ml_collections.ConfigDict:
       source="bundled",                   # bundled | folder | tfds
       train_dir="", eval_dir="",
       tfds_name="", tfds_split="train", tfds_eval_split="validation", tfds_data_dir="",
-      min_scale=0.5, flip=True, num_workers=0,
+      min_scale=0.5, flip=True,
+      # grain worker processes making batches; -1: auto (training/data.py auto_num_workers:
+      # min(cores - 1, 8) on an accelerator, 0 on the CPU backend, where XLA computes the
+      # step on those cores); each (or this process, without workers) makes read_threads
+      # batches at once (-1: auto, data.read_threads) and keeps up to
+      # max(worker_buffer_size, read_threads) of them ready
+      num_workers=-1, worker_buffer_size=2, read_threads=-1,
+      # batches on the device ahead of the step, counting the one it consumes (2: the next
+      # batch is copied while the current step runs); also how many steps the host may
+      # dispatch ahead of the device
+      device_prefetch=2,
       # colour augmentation (training/data.py ColorJitter): hue rotation +- deg, chroma
       # scale 1 +- s, RGB permutation probability; 0 turns each off
       color_hue_deg=0.0, color_saturation=0.0, color_permute=0.0,

