@@ -83,3 +83,12 @@ def stream_plan(model_cfg, counts: Sequence[int]) -> List[Stream]:
     plan += [Stream("z", k, g) for k, g in live]
   plan += [Stream("y", k, g) for k, g in live]
   return plan
+
+
+def ratios_error(ratios):
+  """Why (coarse, medium, fine) ratios are invalid, or None: the one rule, framework-free."""
+  r = [float(v) for v in ratios]
+  if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
+    return (f"granularity ratios (coarse, medium, fine) must be 3 non-negative numbers "
+            f"summing to 1, got {tuple(ratios)}")
+  return None

@@ -247,12 +247,9 @@ def encode_latents(model: CodecModel, img: np.ndarray, lmbda: float, ratios) -> 
 
 
 def _check_settings(lmbda: float, ratios) -> None:
-  r = [float(v) for v in ratios]
-  if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
-    # nn.model.check_ratios's rule, tested here first so that valid settings do not import
-    # flax; it raises the error.
+  if layout.ratios_error(ratios):   # valid settings never import flax
     from hvq_jax.nn import model as model_lib
-    model_lib.check_ratios(ratios)
+    model_lib.check_ratios(ratios)    # raises the ConfigError
   if not (np.isfinite(lmbda) and lmbda > 0):
     raise ValueError(f"lambda must be a positive number, got {lmbda}")
 

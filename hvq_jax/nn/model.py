@@ -66,10 +66,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def check_ratios(ratios) -> None:
-  r = [float(v) for v in ratios]
-  if len(r) != 3 or min(r) < 0 or abs(sum(r) - 1.0) > 1e-6:
-    raise ConfigError(f"granularity ratios (coarse, medium, fine) must be 3 non-negative "
-                      f"numbers summing to 1, got {tuple(ratios)}")
+  why = layout.ratios_error(ratios)
+  if why:
+    raise ConfigError(why)
 
 
 def pad_to_multiple(x: jax.Array, m: int) -> jax.Array:
