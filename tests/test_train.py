@@ -263,6 +263,10 @@ def test_bad_config_values_are_named():
   c.image_size = 72
   with pytest.raises(ValueError, match="image_size"):
     train.Trainer(c)
+  c = resume_config()
+  c.eval.enabled, c.eval.image_size = True, 64        # before training, not after it
+  with pytest.raises(ValueError, match="eval.image_size=64.*161"):
+    train.Trainer(c)
 
 
 @pytest.mark.slow

@@ -43,12 +43,16 @@ def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
   return float(np.mean([_ssim_parts(a[..., c], b[..., c], peak)[0] for c in range(a.shape[-1])]))
 
 
+MS_SSIM_MIN_SIZE = 161   # 5 scales of an 11-tap window: (11 - 1) * 2**4 + 1
+
+
 def ms_ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
   """MS-SSIM of two [H, W, 3] (or [H, W]) images; needs min(H, W) > 160."""
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
-  if min(a.shape[:2]) < 161:
-    raise ValueError(f"MS-SSIM needs images of at least 161x161, got {a.shape[:2]}")
+  if min(a.shape[:2]) < MS_SSIM_MIN_SIZE:
+    raise ValueError(f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIZE}x{MS_SSIM_MIN_SIZE}, "
+                     f"got {a.shape[:2]}")
   if a.ndim == 2:
     a, b = a[..., None], b[..., None]
   vals = []

@@ -52,6 +52,9 @@ def validate_config(config) -> None:
     err(f"config.rd.lambdas must be positive, got {config.rd.lambdas}")
   if config.loss.w_gan > 0 and config.disc.ch * 2 % min(32, config.disc.ch) != 0:
     err("config.disc.ch must be a multiple of 32 or below 32")
+  if config.eval.enabled and config.eval.image_size < 161:   # metrics.MS_SSIM_MIN_SIZE
+    err(f"config.eval.image_size={config.eval.image_size}: the held-out report's MS-SSIM "
+        f"needs at least 161 px (or set --config.eval.enabled=False)")
   trainable = config.train.get("trainable", "all")
   if trainable not in ("all", "prior"):
     err(f"config.train.trainable must be 'all' or 'prior', got {trainable!r}")
