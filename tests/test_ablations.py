@@ -41,6 +41,7 @@ def _one_step_and_round_trip(name, step=True):
   return cm, img, data
 
 
+@pytest.mark.slow   # the plug-in test codes with a hyperprior-off model in the fast suite
 def test_hyperprior_off_codes_with_the_static_histogram():
   cm, img, data = _one_step_and_round_trip("hyperprior_off")
   st = {}

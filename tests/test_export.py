@@ -48,8 +48,9 @@ def test_torch_model_matches_jax(micro_codec, exported, name, crop):
   np.testing.assert_allclose(out["bpp"].numpy(), ref["bpp"], rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["residual_vq", "hyperprior_off", "residual_vq_hyperprior_off",
-                                     "per_granularity_codebook"])
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) for v in
+                                     ("residual_vq", "hyperprior_off", "per_granularity_codebook")]
+                         + ["residual_vq_hyperprior_off"])   # the cheapest covers both ablations
 def test_torch_model_matches_jax_on_ablation_tokenizers(variant, tmp_path):
   """Residual VQ (codebook per stage, residual off the sphere) and the static-histogram
   prior: same branch keys, indices and bits in PyTorch."""

@@ -102,6 +102,7 @@ def test_bad_config_is_named():
     model_lib.build(cfg.model)
 
 
+@pytest.mark.slow   # test_ablations checks the stage sum in the fast suite
 def test_residual_stages_learn_and_add_up():
   """Residual VQ: every stage's codebook and hyperprior gets a gradient, stage 1's bits
   are part of y's, and the decoder input is the sum of the two entries."""

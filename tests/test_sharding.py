@@ -46,6 +46,7 @@ def short_run(tmp_path_factory):
   return json.loads((d / "short.json").read_text()), str(d / "run")
 
 
+@pytest.mark.slow   # ~3 min of compiles on 2 cores: over the default suite's budget
 def test_short_two_process_mesh_matches_single_device(short_run):
   res, _ = short_run
   assert res["processes"] == 2 and res["devices"] == 8
@@ -58,6 +59,7 @@ def test_short_two_process_mesh_matches_single_device(short_run):
   assert res["mesh"]["fsdp_sharded_params"] > 0      # the fsdp axis really splits params
 
 
+@pytest.mark.slow   # ~3 min of compiles on 2 cores: over the default suite's budget
 def test_short_checkpoint_from_8_devices_codes_on_1(short_run):
   _, wd = short_run
   from hvq_jax import checkpoint as ckpt_lib
@@ -136,6 +138,7 @@ def test_checkpoint_from_8_devices_codes_on_1(tmp_path):
   assert out.shape == img.shape
 
 
+@pytest.mark.slow   # ~3 min of compiles on 2 cores: over the default suite's budget
 def test_short_resume_with_another_process_count(short_run):
   """The two-process checkpoint resumes in this one process: the state reshards onto a
   one-device mesh, and grain's iterator (saved as process_{i}-of-2.json) starts afresh

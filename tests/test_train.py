@@ -193,6 +193,7 @@ def test_best_checkpoint_ignores_nan_metrics(tmp_path):
   ck.close()
 
 
+@pytest.mark.slow
 def test_killed_during_async_save_resumes_bitwise(straight, trainer, tmp_path):
   """SIGKILL an `hvq train` process while Orbax writes its last checkpoint (step 3) in
   the background: the half-written step is ignored, the next run resumes from step 2
