@@ -183,6 +183,11 @@ def executable(name: str, make_fn: Callable[[], Callable], args: tuple, key: str
   argument tree, shapes, dtypes and devices, the jax/jaxlib/flax/numpy versions, the
   device, XLA_FLAGS, the CPU's instruction set and this package's sources.
   `make_fn` is called only when the program has to be traced.
+
+  Why pickle: `serialize_executable` returns PyTreeDefs, which JAX documents pickling;
+  these files are a private cache this package writes in the user's own cache folder and
+  keys by machine and versions, never a format to load from elsewhere (checkpoints and
+  exports are Orbax and safetensors).
   """
   import jax
   d = executable_directory()
