@@ -38,7 +38,7 @@ def main(argv=None):
   ap.add_argument("--lpips-weights", default=os.environ.get("HVQ_LPIPS_DIR"),
                   help="offline LPIPS weights (training loss and eval column)")
   ap.add_argument("--smoke", action="store_true",
-                  help="CPU plumbing check: 3+3+2 steps, 32 px crops, 176 px eval, no LPIPS")
+                  help="CPU plumbing check: a micro model, 3+3+2 steps, 32 px crops, 176 px eval, no LPIPS")
   a, extra = ap.parse_known_args(argv)
   work = a.workdir or os.path.join(a.out, "runs")
   flags = list(extra)
@@ -49,7 +49,9 @@ def main(argv=None):
     flags += ["--config.train.num_steps=3", "--config.train.batch_size=2", "--config.image_size=32",
               "--config.eval.image_size=176", "--config.eval.num_images=1", "--config.loss.w_lpips=0.0",
               "--config.data.num_workers=0", "--config.train.log_every=1", "--config.train.ckpt_every=3",
-              "--config.model.dtype=float32"]
+              "--config.model.dtype=float32", "--config.model.ch=16", "--config.model.dec_ch=16",
+              "--config.model.norm_groups=4", "--config.model.codebook_size=64",
+              "--config.model.hyperprior.channels=16"]
     a.lpips_weights = None
   elif a.lpips_weights:
     flags.append(f"--config.loss.lpips_weights={os.path.abspath(a.lpips_weights)}")
