@@ -165,8 +165,6 @@ def _index_weights_fn(mu, ls, codebook, inv_mant, inv_shift, bias, static, exp_t
   return w.astype(jnp.float32)   # exact: every weight is below 2^24
 
 
-_index_weights_jit = jax.jit(_index_weights_fn)
-
 
 def load_params(ckpt_dir: str, step: Optional[int] = None):
   """(config, params) of a training workdir or its `checkpoints/` folder (local or a URL
