@@ -66,3 +66,19 @@ def test_plug_in_needs_a_source():
   c.train.trainable = "encoder"
   with pytest.raises(model_lib.ConfigError, match="trainable"):
     train.validate_config(c)
+
+
+def test_plug_in_optimiser_keeps_no_moments_for_the_frozen_tokenizer():
+  c = _cfg(True, 1)
+  c.train.init_from, c.train.trainable = "unused", "prior"
+  t = train.Trainer(c)
+  params = t.abstract_state["params"]
+  prior = [p for p, a in jax.tree_util.tree_flatten_with_path(params)[0]
+           if train.is_prior(p) and a.ndim > 0]
+  n_params = len([a for a in jax.tree.leaves(params) if a.ndim > 0])
+  assert 0 < len(prior) < n_params
+  # Adam's two moments exist for the prior's leaves only (set_to_zero keeps no state)
+  opt_leaves = [a for a in jax.tree.leaves(t.abstract_state["opt_g"]) if a.ndim > 0]
+  assert len(opt_leaves) == 2 * len(prior)
+  full = train.Trainer(_cfg(True, 1))
+  assert len([a for a in jax.tree.leaves(full.abstract_state["opt_g"]) if a.ndim > 0]) == 2 * n_params
