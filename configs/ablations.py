@@ -18,6 +18,8 @@ VARIANTS = {
     "single_scale_hyperprior_off": lambda c: (c.granularity.update(ratios=(0.0, 0.0, 1.0)),
                                               c.model.hyperprior.update(enabled=False)),
     "large_codebook": lambda c: c.model.update(codebook_size=16384),
+    # each granularity's prior also reads the map and the coarser decoded entries
+    "prior_context": lambda c: c.model.hyperprior.update(context="coarser"),
     # residual VQ: 2 codebooks per granularity, a hyperprior branch over each stage's indices
     "residual_vq": lambda c: c.model.update(rvq_stages=2),
     "residual_vq_hyperprior_off": lambda c: (c.model.update(rvq_stages=2),

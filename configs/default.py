@@ -33,7 +33,10 @@ def model_config() -> ml_collections.ConfigDict:
                       mask_z=True,         # send z only where its granularity is sent
                       index_bias=True,     # + a learned static logit per entry (rate.py)
                       index_bias_scale=30.0,
-                      index_mixture=True), # mix with the static histogram (rate.py)
+                      index_mixture=True,  # mix with the static histogram (rate.py)
+                      # 'coarser': each granularity's prior also reads the coarser
+                      # granularities' decoded entries and the map (hyperprior.py)
+                      context="none"),
       dtype="float32",                     # compute dtype (params stay float32)
       remat=False,                         # rematerialise encoder/decoder ResBlocks
   ))

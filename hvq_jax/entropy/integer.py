@@ -174,6 +174,10 @@ class BranchTables:
   bias: np.ndarray                  # int32 [K] static logits, units 2^-LOGIT_BITS
   static: np.ndarray                # int32 [K] the static (mixture) share, sums to total_static
   total_hyper: int                  # the Gaussian's share of 2^24 - K
+  # hyperprior.context='coarser': the context convs (context_in, context_full) and this
+  # branch's codebook in activation units (2^-ACT_BITS), which finer branches' contexts read
+  context: Tuple[Layer, ...] = ()
+  ctx_entries: Optional[np.ndarray] = None    # int64 [K, D]
 
   def arrays(self) -> Dict[str, np.ndarray]:
     """Flat name -> array (for hashing and for storing with an export)."""
@@ -182,23 +186,30 @@ class BranchTables:
     out["scalars"] = np.asarray([self.mu_bits, self.ls_lo, self.ls_hi, self.total_hyper], np.int64)
     if self.z_weights is not None:
       out["z_weights"] = self.z_weights
-    for i, l in enumerate(self.layers):
-      for f in ("weight", "mult", "shift", "bias"):
-        out[f"layer{i}.{f}"] = getattr(l, f)
-      out[f"layer{i}.transpose"] = np.asarray([int(l.transpose)], np.int64)
+    for name, layers in (("layer", self.layers), ("context", self.context)):
+      for i, l in enumerate(layers):
+        for f in ("weight", "mult", "shift", "bias"):
+          out[f"{name}{i}.{f}"] = getattr(l, f)
+        out[f"{name}{i}.transpose"] = np.asarray([int(l.transpose)], np.int64)
+    if self.ctx_entries is not None:
+      out["ctx_entries"] = self.ctx_entries
     return out
 
   @classmethod
   def from_arrays(cls, a: Dict[str, np.ndarray]) -> "BranchTables":
-    n = len({k.split(".")[0] for k in a if k.startswith("layer")})
-    layers = tuple(Layer(*(np.asarray(a[f"layer{i}.{f}"], np.int64) for f in
+    def stack(name):
+      n = len({k.split(".")[0] for k in a if k.startswith(name) and "." in k})
+      return tuple(Layer(*(np.asarray(a[f"{name}{i}.{f}"], np.int64) for f in
                            ("weight", "mult", "shift", "bias")),
-                         bool(np.asarray(a[f"layer{i}.transpose"]).reshape(-1)[0])) for i in range(n))
+                         bool(np.asarray(a[f"{name}{i}.transpose"]).reshape(-1)[0]))
+                   for i in range(n))
     mu_bits, ls_lo, ls_hi, total_hyper = (int(v) for v in a["scalars"])
-    return cls(np.asarray(a["z_weights"], np.int64) if "z_weights" in a else None, layers,
+    return cls(np.asarray(a["z_weights"], np.int64) if "z_weights" in a else None, stack("layer"),
                mu_bits, np.asarray(a["codebook"], np.int32), ls_lo, ls_hi,
                np.asarray(a["inv_mant"], np.int32), np.asarray(a["inv_shift"], np.int32),
-               np.asarray(a["bias"], np.int32), np.asarray(a["static"], np.int32), total_hyper)
+               np.asarray(a["bias"], np.int32), np.asarray(a["static"], np.int32), total_hyper,
+               stack("context"),
+               np.asarray(a["ctx_entries"], np.int64) if "ctx_entries" in a else None)
 
 
 def z_weights(bottleneck: Dict[str, np.ndarray], z_range: int) -> np.ndarray:
@@ -315,7 +326,18 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   idx = index_tables(codebook, logits, mix, (h.sigma_min, h.sigma_max))
   r = int(codec_cfg["z_range"])
   wbits = int(codec_cfg["weight_bits"])
-  layers, in_bits = [], 0
+  with_ctx = h.get("context", "none") == "coarser"
+  # with a context, z_hat enters the first layer in activation units, next to the context
+  in_bits = ACT_BITS if with_ctx else 0
+  in_max = r << in_bits
+  layers, context, ctx_entries = [], (), None
+  if with_ctx:
+    ctx_entries = np.rint(np.ldexp(np.asarray(codebook, np.float64), ACT_BITS)).astype(np.int64)
+    ctx_max = max(int(np.abs(ctx_entries).max()), 1 << ACT_BITS)
+    in_max = max(in_max, ctx_max)
+    context = tuple(_quantize_layer(params[n]["kernel"], params[n]["bias"], ACT_BITS, ACT_BITS,
+                                    wbits, False) for n in ("context_in", "context_full"))
+    _check_bounds(context, ctx_max)
   for i in range(h.num_down):
     p = params[f"synthesis_up{i}"]
     layers.append(_quantize_layer(p["kernel"], p["bias"], in_bits, ACT_BITS, wbits, True))
@@ -324,8 +346,9 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   dim = np.asarray(codebook).shape[1]
   layers.append(_quantize_layer(p["kernel"], p["bias"], in_bits,
                                 [idx["mu_bits"]] * dim + [LOG_SIGMA_BITS] * dim, wbits, False))
-  _check_bounds(layers, r)
-  return BranchTables(z_weights(params["bottleneck"], r), tuple(layers), **idx)
+  _check_bounds(layers, in_max)
+  return BranchTables(z_weights(params["bottleneck"], r), tuple(layers), **idx,
+                      context=context, ctx_entries=ctx_entries)
 
 
 def digest(tables: Dict[str, BranchTables]) -> bytes:
@@ -386,13 +409,63 @@ def _gelu(x: np.ndarray) -> np.ndarray:
   return np.clip(np.where(x > lim, x, np.where(x < -lim, 0, g)), -ACT_MAX, ACT_MAX)
 
 
-def synthesis(t: BranchTables, z_hat: np.ndarray, grid_hw) -> Tuple[np.ndarray, np.ndarray]:
+def context_map(g: str, masks: Dict[str, np.ndarray], indices: Dict[str, np.ndarray],
+                entries: Dict[str, np.ndarray], strides) -> np.ndarray:
+  """hyperprior.context='coarser': what granularity g's prior reads, int64 [h_g, w_g,
+  3 (D + 1)] in activation units (the float `HVQ.prior_context`): per granularity decoded
+  before g, its entries where sent and its mask, repeated onto g's grid; g's own mask;
+  zeros for the rest. masks {g: bool [h, w]}, indices {g: int [h, w]} (the coarser ones
+  decoded), entries {g: int64 [K, D]} (`BranchTables.ctx_entries`)."""
+  from hvq_jax.layout import GRANULARITIES
+  st = dict(zip(GRANULARITIES, strides))
+  gi = GRANULARITIES.index(g)
+  ref = masks[g]
+  dim = entries[g].shape[1]
+  one = np.int64(1 << ACT_BITS)
+  parts = []
+  for j, o in enumerate(GRANULARITIES):
+    m = masks[o].astype(np.int64)[..., None]
+    if j < gi:
+      f = st[o] // st[g]
+      up = lambda a: np.repeat(np.repeat(a, f, axis=0), f, axis=1)
+      idx = indices.get(o)   # a granularity with no sent position has no stream
+      idx = np.zeros(masks[o].shape, np.int64) if idx is None else np.asarray(idx, np.int64)
+      e = entries[o][idx] * m
+      parts += [up(e), up(m * one)]
+    elif j == gi:
+      parts += [np.zeros(ref.shape + (dim,), np.int64), m * one]
+    else:
+      parts += [np.zeros(ref.shape + (dim + 1,), np.int64)]
+  return np.concatenate(parts, axis=-1)
+
+
+def _pool(ctx: np.ndarray, f: int, hz: int, wz: int) -> np.ndarray:
+  """Mean over f x f blocks (zero-padded to hz f x wz f), rounded: int64 [hz, wz, C]."""
+  c = np.pad(ctx, ((0, hz * f - ctx.shape[0]), (0, wz * f - ctx.shape[1]), (0, 0)))
+  s = c.reshape(hz, f, wz, f, -1).sum(axis=(1, 3))
+  sh = 2 * (f.bit_length() - 1)
+  return (s + (np.int64(1) << (sh - 1) if sh else 0)) >> sh
+
+
+def synthesis(t: BranchTables, z_hat: np.ndarray, grid_hw,
+              ctx: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
   """Integer z_hat [h_z, w_z, C] -> (mu int32 [h, w, D] in units 2^-mu_bits, log-sigma
-  index int32 [h, w, D] in units 2^-8, clipped to the model's sigma range), on y's grid."""
+  index int32 [h, w, D] in units 2^-8, clipped to the model's sigma range), on y's grid.
+  A context model also needs `ctx` (`context_map`) on y's grid."""
   a = np.asarray(z_hat, np.int64)
+  if t.context:
+    if ctx is None:
+      raise IntegerModelError("this branch's prior reads a context map; none was given")
+    f = 1 << (len(t.layers) - 1)
+    a = np.concatenate([a << ACT_BITS, _pool(ctx, f, a.shape[0], a.shape[1])], axis=-1)
   for l in t.layers[:-1]:
     a = _gelu(_layer(a, l))
-  out = _layer(a, t.layers[-1])[:grid_hw[0], :grid_hw[1]]
+  if t.context:   # the float HyperBranch.synthesis: crop, add the context convs, then out
+    a = a[:grid_hw[0], :grid_hw[1]]
+    b = _layer(_gelu(_layer(ctx, t.context[0])), t.context[1])
+    out = _layer(np.clip(a + b, -ACT_MAX, ACT_MAX), t.layers[-1])
+  else:
+    out = _layer(a, t.layers[-1])[:grid_hw[0], :grid_hw[1]]
   d = out.shape[-1] // 2
   lim = 1 << 14                                      # |e - mu| < 2^15
   mu = np.clip(out[..., :d], -lim, lim)

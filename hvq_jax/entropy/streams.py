@@ -121,7 +121,13 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
       mask = masks[st.granularity][0]
       if hyper_on:
         with timer("model"):
-          mu, ls = integer.synthesis(t, z_hat[st.branch], grids[st.granularity])
+          ctx = None
+          if t.context:   # hyperprior.context: the coarser granularities are decoded
+            ctx = integer.context_map(
+                st.granularity, {g: m[0] for g, m in masks.items()},
+                {g: indices[g][0] for g in layout.GRANULARITIES if g in indices},
+                {g: tables[g].ctx_entries for g in layout.GRANULARITIES}, strides)
+          mu, ls = integer.synthesis(t, z_hat[st.branch], grids[st.granularity], ctx)
         with timer("pmf"):
           w = index_weights(st.branch, mu[mask], ls[mask])
         if hasattr(io, "observe"):   # evaluation: what the prior predicted at sent positions

@@ -337,10 +337,15 @@ class HyperBranch(nn.Module):
     for i in range(h.num_down):
       out = h.channels if i < h.num_down - 1 else h.latent_channels
       setattr(self, f"analysis_down{i}", Conv(h.channels, out, 5, stride=2))
+    ctx = 3 * (c.embed_dim + 1) if h.get("context", "none") == "coarser" else 0
     for i in range(h.num_down):
-      cin = h.latent_channels if i == 0 else h.channels
+      cin = h.latent_channels + ctx if i == 0 else h.channels
       setattr(self, f"synthesis_up{i}", ConvTransposeSame(cin, h.channels, 5))
     self.synthesis_out = Conv(h.channels, 2 * c.embed_dim, 3)
+    if ctx:
+      self.context_in = Conv(ctx, h.channels, 3)
+      self.context_full = Conv(h.channels, h.channels, 3)
+    self.with_context = bool(ctx)
     self.bottleneck = EntropyBottleneck(h.latent_channels)
     self.log_sigma_range = (math.log(h.sigma_min), math.log(h.sigma_max))
     if h.get("index_bias", False):
@@ -358,11 +363,23 @@ class HyperBranch(nn.Module):
         h = F.gelu(h, approximate="tanh")
     return h
 
-  def synthesis(self, z_hat, grid_hw):
+  def synthesis(self, z_hat, grid_hw, ctx=None):
+    """z_hat [B, C, h_z, w_z] (and ctx [B, C_ctx, h, w] with hyperprior.context) ->
+    (mu, sigma) [B, D, h, w] (the JAX HyperBranch.synthesis)."""
     h = z_hat
+    if self.with_context:
+      f = 2 ** self.num_down
+      hz, wz = z_hat.shape[2:]
+      c = F.pad(ctx, (0, wz * f - ctx.shape[3], 0, hz * f - ctx.shape[2]))
+      h = torch.cat([h, F.avg_pool2d(c, f)], 1)
     for i in range(self.num_down):
       h = F.gelu(getattr(self, f"synthesis_up{i}")(h), approximate="tanh")
-    out = self.synthesis_out(h)[:, :, :grid_hw[0], :grid_hw[1]]
+    if self.with_context:   # the context lives on y's grid: crop first
+      h = h[:, :, :grid_hw[0], :grid_hw[1]]
+      h = h + self.context_full(F.gelu(self.context_in(ctx), approximate="tanh"))
+      out = self.synthesis_out(h)
+    else:
+      out = self.synthesis_out(h)[:, :, :grid_hw[0], :grid_hw[1]]
     mu, log_sigma = out.chunk(2, dim=1)
     return mu, torch.exp(log_sigma.clamp(*self.log_sigma_range))
 
@@ -489,7 +506,8 @@ class HVQ(nn.Module):
             zm = torch.ones(z_hat.shape[0], *z_hat.shape[2:], dtype=torch.bool)
           zb = -torch.log2(hb.bottleneck.likelihood(z_hat)) * zm[:, None].float()
           z_bits = z_bits + zb.flatten(1).sum(1) * any_sent
-          mu, sigma = hb.synthesis(z_hat, idx.shape[1:])
+          ctx = self.prior_context(g, q, masks) if hb.with_context else None
+          mu, sigma = hb.synthesis(z_hat, idx.shape[1:], ctx)
           lp = index_log_probs(mu.permute(0, 2, 3, 1), sigma.permute(0, 2, 3, 1), e,
                                hb.log_prior(), hb.mix_logit)
         else:
@@ -510,6 +528,24 @@ class HVQ(nn.Module):
     total = sum(bits.values())
     return dict(recon=recon, indices=indices, masks=masks, gmap=gmap, bits=bits,
                 bpp=total / (H * W))
+
+  def prior_context(self, g, q, masks):
+    """The JAX HVQ.prior_context: q {g: [B, h, w, D]} (zero where not sent) of the
+    coarser granularities, masks {g: bool [B, h, w]} -> [B, 3 (D + 1), h_g, w_g]."""
+    s = dict(zip(GRANULARITIES, self.cfg.strides))
+    gi = GRANULARITIES.index(g)
+    ref, d, parts = masks[g], self.cfg.embed_dim, []
+    for j, o in enumerate(GRANULARITIES):
+      m = masks[o].float()[..., None] if o in masks else None
+      if j < gi:
+        f = s[o] // s[g]
+        up = lambda a: a.repeat_interleave(f, 1).repeat_interleave(f, 2)
+        parts += [up(q[o] * m), up(m)]
+      elif j == gi:
+        parts += [torch.zeros(*ref.shape, d), m]
+      else:
+        parts += [torch.zeros(*ref.shape, d + 1)]
+    return torch.cat(parts, -1).permute(0, 3, 1, 2)
 
   def synthesize(self, q, gmap, out_hw):
     """Quantised embeddings {g: [B, h_g, w_g, D]} (zero where not sent) + map [B, hc, wc]

@@ -8,6 +8,12 @@ Our choice (config `hyperprior.mask_z`): a z position is sent only when its 2^n 
 block of y holds a position sent at this granularity; the rest are set to 0 on both sides
 (the decoder knows the granularity map before z). Without it every branch pays for z over
 the whole image although the map sends each granularity on a fraction of it.
+
+Our choice (config `hyperprior.context`, 'coarser'): H_s also reads what the decoder
+already has on y's grid when this granularity's indices come (the map, the coarser
+granularities' entries: `HVQ.prior_context`), mean-pooled onto z's grid next to z_hat and,
+through two 3x3 convs, added before the last layer. Measured on the tiny model's plug-in
+prior: README "Making the hyperprior pay".
 """
 import math
 from typing import Any
@@ -30,6 +36,7 @@ class HyperBranch(nn.Module):
   codebook_size: int = 0      # > 0: learn a static logit per codebook entry (rate.py)
   bias_scale: float = 1.0     # logits = bias_scale * param: Adam's step per logit x this
   mixture: bool = False       # mix the PMF with the static histogram (rate.py)
+  context_channels: int = 0   # > 0: H_s also reads a context map on y's grid (trial)
 
   def setup(self):
     c = self.channels
@@ -40,6 +47,9 @@ class HyperBranch(nn.Module):
     self.s_up = [nn.ConvTranspose(c, (5, 5), strides=(2, 2), dtype=self.dtype,
                                   name=f"synthesis_up{i}") for i in range(self.num_down)]
     self.s_out = nn.Conv(2 * self.embed_dim, (3, 3), dtype=self.dtype, name="synthesis_out")
+    if self.context_channels:
+      self.c_in = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="context_in")
+      self.c_full = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="context_full")
     self.bottleneck = EntropyBottleneck(self.latent_channels, name="bottleneck")
     if self.codebook_size:
       # Adam moves a parameter by ~lr per step; log-frequencies of codes span ~10 nats,
@@ -65,17 +75,29 @@ class HyperBranch(nn.Module):
         h = nn.gelu(h)
     return h.astype(jnp.float32)
 
-  def synthesis(self, z_hat: jax.Array, grid_hw) -> tuple:
-    """z_hat -> (mu, sigma), each [B, h, w, D] float32 on y's grid `grid_hw`."""
+  def synthesis(self, z_hat: jax.Array, grid_hw, ctx=None) -> tuple:
+    """z_hat -> (mu, sigma), each [B, h, w, D] float32 on y's grid `grid_hw`.
+    `ctx` [B, h, w, C_ctx]: what the decoder already knows on y's grid (trial: the coarser
+    granularities' decoded entries and the map), pooled to z's grid and added at both ends."""
     h = z_hat.astype(self.dtype)
+    if ctx is not None:
+      f = 2 ** self.num_down
+      hz, wz = z_hat.shape[1:3]
+      c = jnp.pad(ctx, ((0, 0), (0, hz * f - ctx.shape[1]), (0, wz * f - ctx.shape[2]), (0, 0)))
+      c = c.reshape(c.shape[0], hz, f, wz, f, c.shape[-1]).mean(axis=(2, 4))
+      h = jnp.concatenate([h, c.astype(self.dtype)], axis=-1)
     for layer in self.s_up:
       h = nn.gelu(layer(h))
-    out = self.s_out(h).astype(jnp.float32)[:, :grid_hw[0], :grid_hw[1]]
+    if ctx is None:
+      out = self.s_out(h).astype(jnp.float32)[:, :grid_hw[0], :grid_hw[1]]
+    else:   # the context lives on y's grid: crop first
+      h = h[:, :grid_hw[0], :grid_hw[1]] + self.c_full(nn.gelu(self.c_in(ctx.astype(self.dtype))))
+      out = self.s_out(h).astype(jnp.float32)
     mu, log_sigma = jnp.split(out, 2, axis=-1)
     log_sigma = jnp.clip(log_sigma, math.log(self.sigma_min), math.log(self.sigma_max))
     return mu, jnp.exp(log_sigma)
 
-  def __call__(self, y: jax.Array, training: bool, z_mask=None) -> dict:
+  def __call__(self, y: jax.Array, training: bool, z_mask=None, ctx=None) -> dict:
     """`z_mask` [B, h_z, w_z] bool: z positions that are sent; the others are 0 on both
     sides of the codec and cost nothing."""
     z = self.analysis(y)
@@ -83,7 +105,7 @@ class HyperBranch(nn.Module):
     if z_mask is not None:
       m = z_mask[..., None].astype(z_hat.dtype)
       z_hat, z_bits = z_hat * m, z_bits * m
-    mu, sigma = self.synthesis(z_hat, y.shape[1:3])
+    mu, sigma = self.synthesis(z_hat, y.shape[1:3], ctx)
     return dict(z=z, z_hat=z_hat, z_bits=z_bits, mu=mu, sigma=sigma)
 
 

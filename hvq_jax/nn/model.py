@@ -56,6 +56,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"hyperprior.channels must be an integer >= 1, got {cfg.hyperprior.channels!r}")
   need(isinstance(cfg.hyperprior.num_down, int) and cfg.hyperprior.num_down >= 1,
        f"hyperprior.num_down must be an integer >= 1, got {cfg.hyperprior.num_down!r}")
+  ctx = cfg.hyperprior.get("context", "none")
+  need(ctx in ("none", "coarser"), f"hyperprior.context must be 'none' or 'coarser', got {ctx!r}")
+  need(ctx == "none" or cfg.get("rvq_stages", 1) == 1,
+       "hyperprior.context='coarser' needs rvq_stages=1")
   for flag in ("mask_z", "index_bias", "index_mixture", "enabled"):
     need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
@@ -114,8 +118,38 @@ class HVQ(nn.Module):
     self.hyper = {k: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
                                  h.sigma_min, h.sigma_max, dtype, bias_k,
                                  float(h.get("index_bias_scale", 1.0)),
-                                 bool(h.get("index_mixture", False)), name=f"hyper_{k}")
+                                 bool(h.get("index_mixture", False)),
+                                 self.context_channels(), name=f"hyper_{k}")
                   for k, _, _ in branches(c)}
+
+  def context_channels(self) -> int:
+    """Channels of a prior's context map (config `hyperprior.context`; 0: none)."""
+    ctx = self.cfg.hyperprior.get("context", "none")
+    return 3 * (self.cfg.embed_dim + 1) if ctx == "coarser" else 0
+
+  def prior_context(self, g: str, q: Dict[str, jax.Array], masks) -> jax.Array:
+    """Context of granularity g's prior on its grid (hyperprior.context='coarser'): for
+    each granularity decoded before it (coarser), its entries where sent and its mask,
+    repeated onto g's grid; g's own mask; zeros for the rest. q {g: [B, h_g, w_g, D]} (the
+    quantised entries), masks {g: bool [B, h_g, w_g]} -> [B, h_g, w_g, 3 (D + 1)] f32.
+    The decoder has all of it before g's indices: the map, then coarse to fine
+    (entropy/integer.py `context_map` is the integer twin)."""
+    strides = dict(zip(GRANULARITIES, self.cfg.strides))
+    gi = GRANULARITIES.index(g)
+    ref = masks[g]
+    parts = []
+    for j, o in enumerate(GRANULARITIES):
+      f = strides[o] // strides[g] if j <= gi else 1
+      m = masks[o].astype(jnp.float32)[..., None]
+      if j < gi:
+        e = jax.lax.stop_gradient(q[o]) * m
+        up = lambda a: jnp.repeat(jnp.repeat(a, f, axis=1), f, axis=2)
+        parts += [up(e), up(m)]
+      elif j == gi:
+        parts += [jnp.zeros(ref.shape + (self.cfg.embed_dim,), jnp.float32), m]
+      else:
+        parts += [jnp.zeros(ref.shape + (self.cfg.embed_dim + 1,), jnp.float32)]
+    return jnp.concatenate(parts, axis=-1)
 
   def quantize(self, g: str, y: jax.Array) -> List[Tuple[str, jax.Array, Dict[str, Any]]]:
     """y [B, h, w, D] of granularity g -> [(branch key, the vector that stage quantised,
@@ -140,9 +174,10 @@ class HVQ(nn.Module):
     return dict(y=y, gmap=gmap)
 
   # Methods taking `g` take a branch key (model.branches); stage 0's key is the granularity.
-  def prior(self, g: str, z_hat: jax.Array, grid_hw) -> tuple:
-    """(mu, sigma) of branch g from its z_hat."""
-    return self.hyper[g].synthesis(z_hat, grid_hw)
+  def prior(self, g: str, z_hat: jax.Array, grid_hw, ctx=None) -> tuple:
+    """(mu, sigma) of branch g from its z_hat (and, with hyperprior.context, its
+    `prior_context`)."""
+    return self.hyper[g].synthesis(z_hat, grid_hw, ctx)
 
   def codebook_entries(self, g: str) -> jax.Array:
     return self.codebooks[g].entries()
@@ -224,7 +259,8 @@ class HVQ(nn.Module):
       for k, v, vq in stages:
         idx = vq["indices"]
         if hyper_on:
-          hp = self.hyper[k](v, training, zm.get(g))
+          ctx = self.prior_context(g, q, masks) if self.context_channels() else None
+          hp = self.hyper[k](v, training, zm.get(g), ctx)
           per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[k].entries(), idx,
                                     y=vq["y"],
                                     chunk_size=c.rate_chunk or None,
