@@ -59,7 +59,9 @@ def main(argv=None):
     flags.append("--config.loss.w_lpips=0.0")   # said in study.json: no LPIPS without weights
   cmd = [sys.executable, "-m", "hvq_jax.cli", "sweep", "--config", a.config, "--workdir", work,
          "--grid", "model.hyperprior.enabled=True,False", "--plug-in",
-         "--plug-in-steps", str(a.plug_in_steps)] + flags
+         "--plug-in-steps", str(a.plug_in_steps),
+         # the plug-in prior reads the coarser decoded map (README: +15.0% -> +19.5% saving)
+         "--plug-in-set", "model.hyperprior.context=coarser"] + flags
   if a.lpips_weights:
     cmd += ["--lpips-weights", os.path.abspath(a.lpips_weights)]
   print("+", " ".join(cmd), flush=True)

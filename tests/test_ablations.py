@@ -134,6 +134,10 @@ def test_sweep_plug_in_runs_follow_hyperprior_off_runs():
   grid = sweep.plan("configs/tiny_cpu.py", "W", [], "model.hyperprior.enabled=True,False", [],
                     plug_in=True)
   assert [p[0] for p in grid][-1] == "W/enabled=False__plug_in" and len(grid) == 3
+  ctx = sweep.plan("configs/ablations.py", "W", ["hyperprior_off"], "", [], plug_in=True,
+                   plug_in_set=["model.hyperprior.context=coarser"])
+  assert "--config.model.hyperprior.context=coarser" in ctx[1][1]
+  assert not any("context" in a for a in ctx[0][1])
 
 
 def test_sweep_collects_tables(tmp_path):

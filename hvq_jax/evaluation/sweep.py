@@ -72,11 +72,13 @@ def _hyperprior_off(config: str, variant: str, overrides: Dict[str, str], extra)
 
 def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
          extra: Sequence[str], plug_in: bool = False, plug_in_steps: int = 0,
-         eval_extra: Sequence[str] = ()) -> List[Tuple[str, List[str], List[str]]]:
+         eval_extra: Sequence[str] = (), plug_in_set: Sequence[str] = ()
+         ) -> List[Tuple[str, List[str], List[str]]]:
   """[(run dir, train argv, eval argv)]. With `plug_in`, every run trained without the
   hyperprior is followed by `RUN__plug_in`: its tokenizer (encoder, codebooks, decoder)
   frozen from that run and only a hyperprior trained on the rate (issue 15's plug-in
-  prior: identical indices and reconstructions, fewer bits)."""
+  prior: identical indices and reconstructions, fewer bits); `plug_in_set` ('field=value')
+  are overrides for the plug-in runs only (e.g. model.hyperprior.context=coarser)."""
   runs = []
   ev_args = lambda d: ["eval", "--checkpoint", d, "--out", os.path.join(d, "eval"),
                        "--no-progress", "--baselines", ""] + list(eval_extra)
@@ -95,6 +97,7 @@ def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
                "--config.train.trainable=prior"]
         if plug_in_steps:
           tp.append(f"--config.train.num_steps={plug_in_steps}")
+        tp += [f"--config.{kv}" for kv in plug_in_set]
         runs.append((dp, tp, ev_args(dp)))
   return runs
 
@@ -192,6 +195,9 @@ def main(argv):
   ap.add_argument("--plug-in", action="store_true",
                   help="after each hyperprior-off run, train a plug-in hyperprior on its frozen tokenizer")
   ap.add_argument("--plug-in-steps", type=int, default=0, help="steps of the plug-in runs (default: the config's)")
+  ap.add_argument("--plug-in-set", action="append", default=[], metavar="FIELD=VALUE",
+                  help="a config override for the plug-in runs only (repeatable), e.g. "
+                       "model.hyperprior.context=coarser")
   ap.add_argument("--lpips-weights", default=None, help="passed to hvq eval (LPIPS column)")
   a, extra = ap.parse_known_args(argv)   # --config.field=value overrides for every run
   bad = [x for x in extra if not x.startswith("--config.")]
@@ -200,7 +206,8 @@ def main(argv):
   a.extra = extra
   try:
     runs = plan(a.config, a.workdir, split_top(a.variants), a.grid, a.extra, a.plug_in,
-                a.plug_in_steps, ["--lpips-weights", a.lpips_weights] if a.lpips_weights else [])
+                a.plug_in_steps, ["--lpips-weights", a.lpips_weights] if a.lpips_weights else [],
+                a.plug_in_set)
   except ValueError as e:
     sys.exit(f"hvq sweep: {e}")
   if a.print_only:
