@@ -39,8 +39,9 @@ def test_context_map_reads_only_what_the_decoder_has():
   masks = {g: m[0] for g, m in layout.sent_masks(gmap, strides).items()}
   entries = {g: rng.integers(-900, 900, (5, d)) for g in GRANULARITIES}
   idx = {g: rng.integers(0, 5, masks[g].shape) for g in GRANULARITIES}
-  ctx = integer.context_map("fine", masks, idx, entries, strides)
-  one = 1 << integer.ACT_BITS
+  bits = 12
+  one = 1 << bits
+  ctx = integer.context_map("fine", masks, idx, entries, strides, bits)
   assert ctx.shape == masks["fine"].shape + (3 * (d + 1),)
   for y in range(ctx.shape[0]):
     for x in range(ctx.shape[1]):
@@ -57,16 +58,23 @@ def test_context_map_reads_only_what_the_decoder_has():
       np.testing.assert_array_equal(ctx[y, x], want)
   # changing a finer granularity's (not yet decoded) indices changes nothing
   idx2 = dict(idx, fine=idx["fine"] + 1)
-  np.testing.assert_array_equal(ctx, integer.context_map("fine", masks, idx2, entries, strides))
+  np.testing.assert_array_equal(ctx, integer.context_map("fine", masks, idx2, entries, strides, bits))
 
 
-def test_integer_prior_with_context_follows_the_float_one(ctx_model):
+@pytest.mark.parametrize("small_entries", [False, True])
+def test_integer_prior_with_context_follows_the_float_one(ctx_model, small_entries):
   c, m, params = ctx_model
+  if small_entries:   # the default config's codebook: unnormalised, taming's U(-1/K, 1/K) init
+    c = _config()
+    c.model.l2_normalized = False
+    m = model_lib.build(c.model)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: v * 1e-3 if "embedding" in jax.tree_util.keystr(p) else v, params)
   host = jax.device_get(params)
   ent = np.asarray(m.apply({"params": params}, "fine", method=model_lib.HVQ.codebook_entries),
                    np.float64)
-  tabs = {g: integer.build_branch(host[f"hyper_{g}"], ent, True, c.model,
-                                  dict(z_range=64, weight_bits=12)) for g in GRANULARITIES}
+  assert (np.abs(ent).max() < 2e-3) == small_entries
+  tabs = codec.build_tables(params, c.model, dict(z_range=64, weight_bits=12))
   rng = np.random.default_rng(1)
   strides, n = tuple(c.model.strides), c.model.hyperprior.num_down
   gmap = rng.integers(0, 3, (1, 3, 4))
@@ -76,15 +84,20 @@ def test_integer_prior_with_context_follows_the_float_one(ctx_model):
   for g in GRANULARITIES:
     t, grid = tabs[g], masks[g].shape[1:]
     ctx_i = integer.context_map(g, {k: v[0] for k, v in masks.items()}, idx,
-                                {k: tabs[k].ctx_entries for k in tabs}, strides)
+                                {k: tabs[k].ctx_entries for k in tabs}, strides, t.ctx_bits)
     ctx_f = m.apply({"params": params}, g, q, {k: jnp.asarray(v) for k, v in masks.items()},
                     method=model_lib.HVQ.prior_context)
-    assert np.abs(np.asarray(ctx_f[0]) - ctx_i / 2.0 ** integer.ACT_BITS).max() <= 2.0 ** -10
+    assert np.abs(np.asarray(ctx_f[0]) - ctx_i / 2.0 ** t.ctx_bits).max() <= 2.0 ** -t.ctx_bits
+    # the entries keep ~10 significant bits whatever the codebook's scale
+    assert np.abs(t.ctx_entries).max() >= 2 ** 9
     z = rng.integers(-6, 7, layout.z_grid(*grid, n) + (c.model.hyperprior.latent_channels,))
     mu_q, ls_q = integer.synthesis(t, z, grid, ctx_i)
     mu, sigma = jax.device_get(m.apply({"params": params}, g, jnp.asarray(z[None], jnp.float32),
                                        grid, ctx_f, method=model_lib.HVQ.prior))
-    assert np.abs(mu_q / 2.0 ** t.mu_bits - mu[0]).max() <= 5e-3 * np.abs(mu).max() + 2.0 ** -t.mu_bits
+    lim = 2.0 ** (14 - t.mu_bits)        # the integer mu's range: 16x the codebook's
+    mu_ref = np.clip(mu[0], -lim, lim)
+    # (activations have an absolute grid: the error scales with the network's output)
+    assert np.abs(mu_q / 2.0 ** t.mu_bits - mu_ref).max() <= 5e-3 * np.abs(mu).max() + 2.0 ** -t.mu_bits
     ls_ref = np.clip(np.log(sigma[0]), t.ls_lo / 256, t.ls_hi / 256)
     assert np.abs(ls_q / 256.0 - ls_ref).max() <= 3e-3 * np.abs(ls_ref).max() + 1 / 256
     # and the context matters: without it (zeros) the prior differs
@@ -125,6 +138,16 @@ def test_context_files_round_trip_and_decode_in_torch(ctx_model, tmp_path):
     np.testing.assert_allclose(out["bits"][k].numpy(), v, rtol=1e-4, atol=1e-3, err_msg=k)
   got = torch_model.decompress(net, data)
   assert np.abs(got.astype(int) - codec.decompress(cm, data).astype(int)).max() <= 1
+  # no coarse position sent: the context of medium and fine has an empty coarse part
+  data0 = codec.compress(cm, img, ratios=(0.0, 0.5, 0.5))
+  _, idx0, gmap0 = codec.decode_indices(cm, data0)
+  assert not (np.asarray(gmap0) == 0).any()
+  enc0 = codec.encode_latents(cm, img, cm.default_lmbda, (0.0, 0.5, 0.5))
+  masks0 = layout.sent_masks(np.asarray(gmap0), tuple(c.model.strides))
+  for g in ("medium", "fine"):
+    np.testing.assert_array_equal(idx0[g][masks0[g]], np.asarray(enc0["indices"][g])[masks0[g]])
+  assert np.abs(torch_model.decompress(net, data0).astype(int)
+                - codec.decompress(cm, data0).astype(int)).max() <= 1
 
 
 def test_context_needs_a_single_stage_and_a_known_name():
@@ -134,5 +157,9 @@ def test_context_needs_a_single_stage_and_a_known_name():
     model_lib.validate(c.model)
   c = _config()
   c.model.hyperprior.context = "finer"
+  with pytest.raises(model_lib.ConfigError, match="context"):
+    model_lib.validate(c.model)
+  c = _config()
+  c.model.hyperprior.enabled = False
   with pytest.raises(model_lib.ConfigError, match="context"):
     model_lib.validate(c.model)

@@ -71,10 +71,11 @@ def build_tables(params, model_cfg, codec: dict) -> Dict[str, integer.BranchTabl
   host = jax.device_get(params)
   hyper_on = bool(model_cfg.hyperprior.get("enabled", True))
   out = {}
+  entries = {k: codebook_entries(host, model_cfg, k, s) for k, _, s in layout.branches(model_cfg)}
+  ctx_bits = integer.context_bits(entries.values())   # one scale for every branch's context
   for k, _, s in layout.branches(model_cfg):
     sub = host[f"hyper_{k}" if hyper_on else f"static_{k}"]
-    out[k] = integer.build_branch(sub, codebook_entries(host, model_cfg, k, s), hyper_on,
-                                  model_cfg, codec)
+    out[k] = integer.build_branch(sub, entries[k], hyper_on, model_cfg, codec, ctx_bits)
   return out
 
 

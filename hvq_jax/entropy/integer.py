@@ -174,10 +174,12 @@ class BranchTables:
   bias: np.ndarray                  # int32 [K] static logits, units 2^-LOGIT_BITS
   static: np.ndarray                # int32 [K] the static (mixture) share, sums to total_static
   total_hyper: int                  # the Gaussian's share of 2^24 - K
-  # hyperprior.context='coarser': the context convs (context_in, context_full) and this
-  # branch's codebook in activation units (2^-ACT_BITS), which finer branches' contexts read
+  # hyperprior.context='coarser': the context's part of the first synthesis layer, the
+  # context convs (context_in, context_full), and this branch's codebook in context units
+  # 2^-ctx_bits (one model-wide scale), which finer branches' contexts read
   context: Tuple[Layer, ...] = ()
   ctx_entries: Optional[np.ndarray] = None    # int64 [K, D]
+  ctx_bits: int = 0
 
   def arrays(self) -> Dict[str, np.ndarray]:
     """Flat name -> array (for hashing and for storing with an export)."""
@@ -193,6 +195,7 @@ class BranchTables:
         out[f"{name}{i}.transpose"] = np.asarray([int(l.transpose)], np.int64)
     if self.ctx_entries is not None:
       out["ctx_entries"] = self.ctx_entries
+      out["ctx_bits"] = np.asarray([self.ctx_bits], np.int64)
     return out
 
   @classmethod
@@ -209,7 +212,8 @@ class BranchTables:
                np.asarray(a["inv_mant"], np.int32), np.asarray(a["inv_shift"], np.int32),
                np.asarray(a["bias"], np.int32), np.asarray(a["static"], np.int32), total_hyper,
                stack("context"),
-               np.asarray(a["ctx_entries"], np.int64) if "ctx_entries" in a else None)
+               np.asarray(a["ctx_entries"], np.int64) if "ctx_entries" in a else None,
+               int(np.asarray(a["ctx_bits"]).reshape(-1)[0]) if "ctx_bits" in a else 0)
 
 
 def z_weights(bottleneck: Dict[str, np.ndarray], z_range: int) -> np.ndarray:
@@ -314,9 +318,10 @@ def index_tables(codebook: np.ndarray, logits: Optional[np.ndarray], mix: Option
 
 
 def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, model_cfg,
-                 codec_cfg) -> BranchTables:
+                 codec_cfg, ctx_bits: Optional[int] = None) -> BranchTables:
   """One branch's integer tables from its float params (the `hyper_{k}` or `static_{k}`
-  subtree) and its codebook entries (float64, as the model uses them)."""
+  subtree) and its codebook entries (float64, as the model uses them). `ctx_bits`: the
+  model-wide context scale (`context_bits` of all its codebooks; default: this one's)."""
   h = model_cfg.hyperprior
   raw = params.get("index_bias")
   logits = None if raw is None else np.asarray(raw, np.float64) * float(h.get("index_bias_scale", 1.0))
@@ -326,29 +331,42 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   idx = index_tables(codebook, logits, mix, (h.sigma_min, h.sigma_max))
   r = int(codec_cfg["z_range"])
   wbits = int(codec_cfg["weight_bits"])
-  with_ctx = h.get("context", "none") == "coarser"
-  # with a context, z_hat enters the first layer in activation units, next to the context
-  in_bits = ACT_BITS if with_ctx else 0
-  in_max = r << in_bits
-  layers, context, ctx_entries = [], (), None
-  if with_ctx:
-    ctx_entries = np.rint(np.ldexp(np.asarray(codebook, np.float64), ACT_BITS)).astype(np.int64)
-    ctx_max = max(int(np.abs(ctx_entries).max()), 1 << ACT_BITS)
-    in_max = max(in_max, ctx_max)
-    context = tuple(_quantize_layer(params[n]["kernel"], params[n]["bias"], ACT_BITS, ACT_BITS,
-                                    wbits, False) for n in ("context_in", "context_full"))
-    _check_bounds(context, ctx_max)
+  layers, context, ctx_entries, in_bits = [], (), None, 0
+  if h.get("context", "none") == "coarser":
+    # The context (entries and masks, in units 2^-ctx_bits) has its own part of the first
+    # layer, requantised apart from z_hat's part and added: each input keeps its own scale.
+    ctx_bits = context_bits([codebook]) if ctx_bits is None else int(ctx_bits)
+    ctx_entries = np.rint(np.ldexp(np.asarray(codebook, np.float64), ctx_bits)).astype(np.int64)
+    ctx_max = max(int(np.abs(ctx_entries).max()), 1 << ctx_bits)
+    k = np.asarray(params["synthesis_up0"]["kernel"])
+    cz = int(h.latent_channels)
+    context = (_quantize_layer(k[:, :, cz:], np.zeros(k.shape[-1]), ctx_bits, ACT_BITS, wbits, True),
+               *(_quantize_layer(params[n]["kernel"], params[n]["bias"], b, ACT_BITS, wbits, False)
+                 for n, b in (("context_in", ctx_bits), ("context_full", ACT_BITS))))
+    _check_bounds(context[:1], ctx_max)
+    _check_bounds(context[1:], ctx_max)
   for i in range(h.num_down):
     p = params[f"synthesis_up{i}"]
-    layers.append(_quantize_layer(p["kernel"], p["bias"], in_bits, ACT_BITS, wbits, True))
+    kern = p["kernel"] if not (context and i == 0) else np.asarray(p["kernel"])[:, :, :int(h.latent_channels)]
+    layers.append(_quantize_layer(kern, p["bias"], in_bits, ACT_BITS, wbits, True))
     in_bits = ACT_BITS
   p = params["synthesis_out"]
   dim = np.asarray(codebook).shape[1]
   layers.append(_quantize_layer(p["kernel"], p["bias"], in_bits,
                                 [idx["mu_bits"]] * dim + [LOG_SIGMA_BITS] * dim, wbits, False))
-  _check_bounds(layers, in_max)
+  _check_bounds(layers, r)
   return BranchTables(z_weights(params["bottleneck"], r), tuple(layers), **idx,
-                      context=context, ctx_entries=ctx_entries)
+                      context=context, ctx_entries=ctx_entries,
+                      ctx_bits=ctx_bits if context else 0)
+
+
+def context_bits(codebooks) -> int:
+  """The context's fixed-point scale for a model (hyperprior.context): the largest entry of
+  any of its codebooks at 2^9..2^10 units, between ACT_BITS and 20 bits (entries at
+  taming's 1/K init would otherwise round to 0 and +-1)."""
+  emax = max(float(np.abs(np.asarray(e, np.float64)).max()) for e in codebooks)
+  e = int(np.frexp(emax)[1]) if emax > 0 else 0
+  return int(min(max(MU_SPAN_BITS - e, ACT_BITS), 20))
 
 
 def digest(tables: Dict[str, BranchTables]) -> bytes:
@@ -410,9 +428,9 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 
 def context_map(g: str, masks: Dict[str, np.ndarray], indices: Dict[str, np.ndarray],
-                entries: Dict[str, np.ndarray], strides) -> np.ndarray:
+                entries: Dict[str, np.ndarray], strides, ctx_bits: int) -> np.ndarray:
   """hyperprior.context='coarser': what granularity g's prior reads, int64 [h_g, w_g,
-  3 (D + 1)] in activation units (the float `HVQ.prior_context`): per granularity decoded
+  3 (D + 1)] in units 2^-ctx_bits (the float `HVQ.prior_context`): per granularity decoded
   before g, its entries where sent and its mask, repeated onto g's grid; g's own mask;
   zeros for the rest. masks {g: bool [h, w]}, indices {g: int [h, w]} (the coarser ones
   decoded), entries {g: int64 [K, D]} (`BranchTables.ctx_entries`)."""
@@ -421,7 +439,7 @@ def context_map(g: str, masks: Dict[str, np.ndarray], indices: Dict[str, np.ndar
   gi = GRANULARITIES.index(g)
   ref = masks[g]
   dim = entries[g].shape[1]
-  one = np.int64(1 << ACT_BITS)
+  one = np.int64(1 << ctx_bits)
   parts = []
   for j, o in enumerate(GRANULARITIES):
     m = masks[o].astype(np.int64)[..., None]
@@ -457,12 +475,15 @@ def synthesis(t: BranchTables, z_hat: np.ndarray, grid_hw,
     if ctx is None:
       raise IntegerModelError("this branch's prior reads a context map; none was given")
     f = 1 << (len(t.layers) - 1)
-    a = np.concatenate([a << ACT_BITS, _pool(ctx, f, a.shape[0], a.shape[1])], axis=-1)
-  for l in t.layers[:-1]:
-    a = _gelu(_layer(a, l))
+    a = _gelu(_layer(a, t.layers[0]) + _layer(_pool(ctx, f, a.shape[0], a.shape[1]), t.context[0]))
+    for l in t.layers[1:-1]:
+      a = _gelu(_layer(a, l))
+  else:
+    for l in t.layers[:-1]:
+      a = _gelu(_layer(a, l))
   if t.context:   # the float HyperBranch.synthesis: crop, add the context convs, then out
     a = a[:grid_hw[0], :grid_hw[1]]
-    b = _layer(_gelu(_layer(ctx, t.context[0])), t.context[1])
+    b = _layer(_gelu(_layer(ctx, t.context[1])), t.context[2])
     out = _layer(np.clip(a + b, -ACT_MAX, ACT_MAX), t.layers[-1])
   else:
     out = _layer(a, t.layers[-1])[:grid_hw[0], :grid_hw[1]]

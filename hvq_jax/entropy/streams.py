@@ -126,7 +126,7 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
             ctx = integer.context_map(
                 st.granularity, {g: m[0] for g, m in masks.items()},
                 {g: indices[g][0] for g in layout.GRANULARITIES if g in indices},
-                {g: tables[g].ctx_entries for g in layout.GRANULARITIES}, strides)
+                {g: tables[g].ctx_entries for g in layout.GRANULARITIES}, strides, t.ctx_bits)
           mu, ls = integer.synthesis(t, z_hat[st.branch], grids[st.granularity], ctx)
         with timer("pmf"):
           w = index_weights(st.branch, mu[mask], ls[mask])

@@ -58,8 +58,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"hyperprior.num_down must be an integer >= 1, got {cfg.hyperprior.num_down!r}")
   ctx = cfg.hyperprior.get("context", "none")
   need(ctx in ("none", "coarser"), f"hyperprior.context must be 'none' or 'coarser', got {ctx!r}")
-  need(ctx == "none" or cfg.get("rvq_stages", 1) == 1,
-       "hyperprior.context='coarser' needs rvq_stages=1")
+  need(ctx == "none" or (cfg.get("rvq_stages", 1) == 1 and cfg.hyperprior.get("enabled", True)),
+       "hyperprior.context='coarser' needs rvq_stages=1 and hyperprior.enabled=True")
   for flag in ("mask_z", "index_bias", "index_mixture", "enabled"):
     need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
