@@ -87,7 +87,8 @@ def test_unknown_layouts_fall_back_to_orbax(saved, tmp_path):
     codec.load_params(str(tmp_path / "missing"))
 
 
-def test_executable_cache_round_trip_and_bad_files(tmp_path):
+def test_executable_cache_round_trip_and_bad_files(tmp_path, monkeypatch):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)   # it would win (compile_cache)
   before_dir = jax.config.jax_compilation_cache_dir
   before_enabled = dict(compile_cache._enabled)
   try:
