@@ -67,6 +67,32 @@ def z_masks(masks: Dict[str, object], num_down: int, xp=np) -> Dict[str, object]
   return out
 
 
+def prior_context(g: str, masks: Dict[str, object], entries: Dict[str, object], strides,
+                  dim: int, one, xp=np):
+  """What granularity g's prior reads with hyperprior.context='coarser', on g's grid: for
+  each granularity decoded before it (coarser), its entries where sent and its mask
+  (= `one`), repeated onto g's grid; g's own mask; zeros for the finer ones.
+
+  masks {g: bool [..., h_g, w_g]}; entries {o: [..., h_o, w_o, D]} for the coarser o (the
+  entry of each position's index; any value where not sent) -> [..., h_g, w_g, 3 (D + 1)]
+  in entries' units. The float model (jnp, one=1.0), the codec (numpy int64 fixed point,
+  entropy/integer.py) and the PyTorch model call this one definition."""
+  st = dict(zip(GRANULARITIES, strides))
+  gi = GRANULARITIES.index(g)
+  parts = []
+  for j, o in enumerate(GRANULARITIES):
+    if j < gi:
+      f = st[o] // st[g]
+      up = lambda a: xp.repeat(xp.repeat(a, f, axis=-3), f, axis=-2)
+      parts += [up(entries[o] * masks[o][..., None]), up(masks[o][..., None] * one)]
+    elif j == gi:
+      m = masks[o][..., None] * one
+      parts += [xp.zeros(m.shape[:-1] + (dim,), m.dtype), m]
+    else:   # finer: not decoded yet (their masks need not be given)
+      parts.append(xp.zeros(parts[-1].shape[:-1] + (dim + 1,), parts[-1].dtype))
+  return xp.concatenate(parts, axis=-1)
+
+
 class Stream(NamedTuple):
   kind: str          # "map" | "z" | "y"
   branch: str        # branch key ("" for the map)

@@ -429,32 +429,17 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def context_map(g: str, masks: Dict[str, np.ndarray], indices: Dict[str, np.ndarray],
                 entries: Dict[str, np.ndarray], strides, ctx_bits: int) -> np.ndarray:
-  """hyperprior.context='coarser': what granularity g's prior reads, int64 [h_g, w_g,
-  3 (D + 1)] in units 2^-ctx_bits (the float `HVQ.prior_context`): per granularity decoded
-  before g, its entries where sent and its mask, repeated onto g's grid; g's own mask;
-  zeros for the rest. masks {g: bool [h, w]}, indices {g: int [h, w]} (the coarser ones
-  decoded), entries {g: int64 [K, D]} (`BranchTables.ctx_entries`)."""
-  from hvq_jax.layout import GRANULARITIES
-  st = dict(zip(GRANULARITIES, strides))
-  gi = GRANULARITIES.index(g)
-  ref = masks[g]
-  dim = entries[g].shape[1]
-  one = np.int64(1 << ctx_bits)
-  parts = []
-  for j, o in enumerate(GRANULARITIES):
-    m = masks[o].astype(np.int64)[..., None]
-    if j < gi:
-      f = st[o] // st[g]
-      up = lambda a: np.repeat(np.repeat(a, f, axis=0), f, axis=1)
-      idx = indices.get(o)   # a granularity with no sent position has no stream
-      idx = np.zeros(masks[o].shape, np.int64) if idx is None else np.asarray(idx, np.int64)
-      e = entries[o][idx] * m
-      parts += [up(e), up(m * one)]
-    elif j == gi:
-      parts += [np.zeros(ref.shape + (dim,), np.int64), m * one]
-    else:
-      parts += [np.zeros(ref.shape + (dim + 1,), np.int64)]
-  return np.concatenate(parts, axis=-1)
+  """hyperprior.context='coarser': what granularity g's prior reads (`layout.prior_context`),
+  int64 [h_g, w_g, 3 (D + 1)] in units 2^-ctx_bits. masks {g: bool [h, w]}, indices
+  {g: int [h, w]} (the coarser ones decoded; a granularity with no sent position has no
+  stream and may be missing), entries {g: int64 [K, D]} (`BranchTables.ctx_entries`)."""
+  from hvq_jax import layout
+  gi = layout.GRANULARITIES.index(g)
+  looked_up = {o: entries[o][np.asarray(indices[o], np.int64) if o in indices
+                             else np.zeros(masks[o].shape, np.int64)]
+               for o in layout.GRANULARITIES[:gi]}
+  return layout.prior_context(g, masks, looked_up, strides, entries[g].shape[1],
+                              np.int64(1 << ctx_bits))
 
 
 def _pool(ctx: np.ndarray, f: int, hz: int, wz: int) -> np.ndarray:

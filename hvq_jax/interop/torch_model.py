@@ -530,22 +530,13 @@ class HVQ(nn.Module):
                 bpp=total / (H * W))
 
   def prior_context(self, g, q, masks):
-    """The JAX HVQ.prior_context: q {g: [B, h, w, D]} (zero where not sent) of the
-    coarser granularities, masks {g: bool [B, h, w]} -> [B, 3 (D + 1), h_g, w_g]."""
-    s = dict(zip(GRANULARITIES, self.cfg.strides))
-    gi = GRANULARITIES.index(g)
-    ref, d, parts = masks[g], self.cfg.embed_dim, []
-    for j, o in enumerate(GRANULARITIES):
-      m = masks[o].float()[..., None] if o in masks else None
-      if j < gi:
-        f = s[o] // s[g]
-        up = lambda a: a.repeat_interleave(f, 1).repeat_interleave(f, 2)
-        parts += [up(q[o] * m), up(m)]
-      elif j == gi:
-        parts += [torch.zeros(*ref.shape, d), m]
-      else:
-        parts += [torch.zeros(*ref.shape, d + 1)]
-    return torch.cat(parts, -1).permute(0, 3, 1, 2)
+    """The JAX HVQ.prior_context (`layout.prior_context`, in numpy): q {g: [B, h, w, D]}
+    of the coarser granularities, masks {g: bool [B, h, w]} -> [B, 3 (D + 1), h_g, w_g]."""
+    coarser = GRANULARITIES[:GRANULARITIES.index(g)]
+    ctx = layout.prior_context(g, {o: np.asarray(m) for o, m in masks.items()},
+                               {o: q[o].numpy() for o in coarser}, tuple(self.cfg.strides),
+                               self.cfg.embed_dim, np.float32(1.0))
+    return torch.from_numpy(np.ascontiguousarray(ctx)).permute(0, 3, 1, 2)
 
   def synthesize(self, q, gmap, out_hw):
     """Quantised embeddings {g: [B, h_g, w_g, D]} (zero where not sent) + map [B, hc, wc]

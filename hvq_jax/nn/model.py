@@ -130,26 +130,14 @@ class HVQ(nn.Module):
   def prior_context(self, g: str, q: Dict[str, jax.Array], masks) -> jax.Array:
     """Context of granularity g's prior on its grid (hyperprior.context='coarser'): for
     each granularity decoded before it (coarser), its entries where sent and its mask,
-    repeated onto g's grid; g's own mask; zeros for the rest. q {g: [B, h_g, w_g, D]} (the
-    quantised entries), masks {g: bool [B, h_g, w_g]} -> [B, h_g, w_g, 3 (D + 1)] f32.
-    The decoder has all of it before g's indices: the map, then coarse to fine
-    (entropy/integer.py `context_map` is the integer twin)."""
-    strides = dict(zip(GRANULARITIES, self.cfg.strides))
-    gi = GRANULARITIES.index(g)
-    ref = masks[g]
-    parts = []
-    for j, o in enumerate(GRANULARITIES):
-      f = strides[o] // strides[g] if j <= gi else 1
-      m = masks[o].astype(jnp.float32)[..., None]
-      if j < gi:
-        e = jax.lax.stop_gradient(q[o]) * m
-        up = lambda a: jnp.repeat(jnp.repeat(a, f, axis=1), f, axis=2)
-        parts += [up(e), up(m)]
-      elif j == gi:
-        parts += [jnp.zeros(ref.shape + (self.cfg.embed_dim,), jnp.float32), m]
-      else:
-        parts += [jnp.zeros(ref.shape + (self.cfg.embed_dim + 1,), jnp.float32)]
-    return jnp.concatenate(parts, axis=-1)
+    repeated onto g's grid; g's own mask; zeros for the rest (`layout.prior_context`).
+    q {g: [B, h_g, w_g, D]} (the quantised entries), masks {g: bool [B, h_g, w_g]} ->
+    [B, h_g, w_g, 3 (D + 1)] f32. The decoder has all of it before g's indices: the map,
+    then coarse to fine (entropy/integer.py `context_map` is the integer twin)."""
+    coarser = GRANULARITIES[:GRANULARITIES.index(g)]
+    return layout.prior_context(g, masks, {o: jax.lax.stop_gradient(q[o]) for o in coarser},
+                                tuple(self.cfg.strides), self.cfg.embed_dim,
+                                jnp.float32(1.0), jnp)
 
   def quantize(self, g: str, y: jax.Array) -> List[Tuple[str, jax.Array, Dict[str, Any]]]:
     """y [B, h, w, D] of granularity g -> [(branch key, the vector that stage quantised,
