@@ -17,6 +17,7 @@ import numpy as np
 import jax
 
 from hvq_jax import codec
+from hvq_jax.codec import profile
 from hvq_jax import images
 
 
@@ -34,10 +35,12 @@ def main():
   t = time.perf_counter(); codec.decompress(model, data); first_dec = time.perf_counter() - t
   enc, dec = [], []
   for _ in range(a.repeats):
-    te, td = {}, {}
-    t = time.perf_counter(); data = codec.compress(model, img, timings=te); te["total"] = time.perf_counter() - t
-    t = time.perf_counter(); codec.decompress(model, data, timings=td); td["total"] = time.perf_counter() - t
-    enc.append(te); dec.append(td)
+    t = time.perf_counter()
+    data, st = profile.compress(model, img)
+    enc.append(dict(st["seconds"], symbols=st["symbols"], total=time.perf_counter() - t))
+    t = time.perf_counter()
+    _, seconds = profile.decompress(model, data)
+    dec.append(dict(seconds, total=time.perf_counter() - t))
   med = lambda rows, k: float(np.median([r.get(k, 0.0) for r in rows]))
   symbols = enc[0]["symbols"]
   result = dict(
@@ -48,7 +51,7 @@ def main():
       encode_s={k: med(enc, k) for k in ("total", "model", "pmf", "range_coding")},
       decode_s={k: med(dec, k) for k in ("total", "model", "pmf", "range_coding")},
   )
-  # the goal: integer PMFs and range coding <= 10% of encode and of decode time
+  # the target: integer PMFs and range coding <= 10% of encode and of decode time
   result["pmf_and_range_coding_share"] = {
       d: (result[f"{d}_s"]["pmf"] + result[f"{d}_s"]["range_coding"]) / result[f"{d}_s"]["total"]
       for d in ("encode", "decode")}

@@ -1,4 +1,4 @@
-"""Issue 15's accelerator study: does the hyperprior pay at a budget past the CPU demo's?
+"""The accelerator study: does the hyperprior pay at a budget past the CPU demo's?
 
 Trains `configs/gpu_small.py` with the hyperprior (jointly), its hyperprior-off twin, and a
 plug-in hyperprior on the twin's frozen tokenizer; evaluates all three on the bundled

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from hvq_jax.training import data as data_lib
-from hvq_jax.training import train
+from hvq_jax.training.trainer import Trainer
 
 # Primitives that must not run in bf16 under mixed precision (reductions and the
 # transcendental functions of norms, softmaxes and likelihoods).
@@ -104,7 +104,7 @@ def smooth(x: np.ndarray, window: int) -> np.ndarray:
 
 
 def run(config, batches, seed):
-  trainer = train.Trainer(config)
+  trainer = Trainer(config)
   state = trainer.init_state(jax.random.PRNGKey(seed))
   init_params = jax.device_get(state["params"])
   b0 = trainer.shard_batch(batches[0])

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import jax
 
-from hvq_jax.training import train
+from hvq_jax.training.trainer import Trainer
 
 
 def load_config(path):
@@ -110,7 +110,7 @@ def main():
   if a.dtype:
     c.model.dtype = a.dtype
   c.model.remat = bool(a.remat)
-  trainer = train.Trainer(c)
+  trainer = Trainer(c)
   state = trainer.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = trainer.shard_batch(rng.integers(0, 256, (a.batch, a.size, a.size, 3), dtype=np.uint8))

@@ -13,10 +13,9 @@ def get_config():
   m.ch, m.ch_mult, m.num_res_blocks = 32, (1, 1, 2, 2, 2), 1
   m.dec_ch, m.dec_ch_mult, m.dec_num_res_blocks = 32, (1, 1, 2, 2, 2), 1
   m.norm_groups = 8
-  # A fully convolutional encoder: its codes keep the same statistics at any image size.
-  # With attention at stride 16 (16 tokens in training, ~1000 on a held-out photo) the
-  # index distribution shifted with size: the hyperprior saved 12% over the static
-  # histogram on 64 px crops of the held-out photos and lost 20% on the whole photos.
+  # A fully convolutional encoder: its codes keep the same statistics at any image size
+  # (attention over 16 tokens in training and ~1000 on a whole photo shifts them, and a
+  # prior trained on crops then misprices whole photos: results/FINDINGS.md).
   m.attn_strides, m.head_attn_strides = (), ()
   m.codebook_size = 256
   m.codebook_init_scale = 1.0   # entries at the encoder's output scale: codes live from step 0
@@ -24,8 +23,8 @@ def get_config():
   # Residual-VQ ablation only: stage-0 residuals of the trained tiny model have a per-dim
   # std of 0.06 (coarse) to 0.17 (fine); U(-0.2, 0.2) has std 0.12.
   m.rvq_init_scale = 0.2
-  # z: 4 channels per 8x8 block of each grid. Measured on this config (800 steps, 8
-  # channels, 4x4 blocks): z cost 0.10 bpp, more than the y bits the prior saved.
+  # z: 4 channels per 8x8 block of each grid (8 per 4x4 cost more bits than the prior
+  # saved at this size).
   m.hyperprior.channels, m.hyperprior.latent_channels, m.hyperprior.num_down = 32, 4, 3
   m.rate_chunk = 0
   config.image_size = 96          # z grid of the fine branch: 3x3 (less border than 2x2)
@@ -34,10 +33,9 @@ def get_config():
   t = config.train
   t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 4, 800, 50, 200
   t.lr, t.disc_lr, t.b1, t.b2, t.warmup_steps = 1e-3, 1e-3, 0.9, 0.99, 100
-  # colour augmentation: the bundled training photos have few greens and blues. Measured
-  # (800 steps, held-out photos, real files): hue +-30 deg and chroma x(1 +- 0.2) took the
-  # mean per-channel colour shift from 7.4 to 6.5/255 at equal PSNR and ~20% fewer bits;
-  # a full hue turn (+-180 deg) was too hard a task for this model (17 dB, shift 19/255).
+  # colour augmentation: the bundled training photos have few greens and blues; a mild
+  # hue rotation and chroma scale lower the colour shift, a full hue turn is too hard a
+  # task for this model (results/FINDINGS.md, "Colour").
   config.data.color_hue_deg, config.data.color_saturation = 30.0, 0.2
   config.loss.w_lpips = 0.0
   config.loss.w_gan = 0.0

@@ -338,7 +338,7 @@ def _import(argv):
   from hvq_jax import checkpoint as ckpt_lib
   from hvq_jax.interop import export
   from hvq_jax.interop import import_weights
-  from hvq_jax.training import train
+  from hvq_jax.training.trainer import Trainer
   from hvq_jax.nn.model import ConfigError
   try:
     if a.config:
@@ -360,7 +360,7 @@ def _import(argv):
         config.granularity.ratios = tuple(rd["ratios"])
     init_config = ml_collections.ConfigDict(config.to_dict())
     init_config.loss.w_lpips = 0.0   # building params needs no LPIPS weights
-    trainer = train.Trainer(init_config)
+    trainer = Trainer(init_config)
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
     params = jax.device_get(state["params"])
     if a.taming:

@@ -15,7 +15,7 @@ GRANULARITIES = ("coarse", "medium", "fine")
 def branches(model_cfg) -> Tuple[Tuple[str, str, int], ...]:
   """(key, granularity, stage) of every index stream, in bitstream order: stage 0 is
   keyed by the granularity's name, residual stage s >= 1 by f"{g}_s{s}"."""
-  n = int(model_cfg.get("rvq_stages", 1))
+  n = int(model_cfg.rvq_stages)
   return tuple((g if s == 0 else f"{g}_s{s}", g, s) for g in GRANULARITIES for s in range(n))
 
 
@@ -105,7 +105,7 @@ def stream_plan(model_cfg, counts: Sequence[int]) -> List[Stream]:
   sent = {g: int(c) > 0 for g, c in zip(GRANULARITIES, counts)}
   plan = [Stream("map", "", "")]
   live = [(k, g) for k, g, _ in branches(model_cfg) if sent[g]]
-  if model_cfg.hyperprior.get("enabled", True):
+  if model_cfg.hyperprior.enabled:
     plan += [Stream("z", k, g) for k, g in live]
   plan += [Stream("y", k, g) for k, g in live]
   return plan

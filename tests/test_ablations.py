@@ -7,6 +7,7 @@ import pytest
 
 from hvq_jax.configs import ablations
 from hvq_jax import codec, layout
+from hvq_jax.codec import profile
 from hvq_jax import images
 from hvq_jax.evaluation import sweep
 from hvq_jax.training import train
@@ -44,8 +45,7 @@ def _one_step_and_round_trip(name, step=True):
 @pytest.mark.slow   # the plug-in test codes with a hyperprior-off model in the fast suite
 def test_hyperprior_off_codes_with_the_static_histogram():
   cm, img, data = _one_step_and_round_trip("hyperprior_off")
-  st = {}
-  codec.compress(cm, img, stats=st)
+  _, st = profile.compress(cm, img)
   assert st["bits"]["z"] == 0.0                       # no side information
   # the integer static table approximates softmax(learned logits) (float64 reference)...
   b = np.asarray(cm.params["static_fine"]["index_bias"], np.float64) * \
@@ -93,8 +93,7 @@ def test_residual_vq_codes_every_stage():
   masks = layout.sent_masks(gmap, tuple(cm.cfg.strides))
   for b, g, _ in cm.branches:
     np.testing.assert_array_equal(dec_idx[b][masks[g]], lat["indices"][b][masks[g]])
-  st = {}
-  codec.compress(cm, img, stats=st)
+  _, st = profile.compress(cm, img)
   assert set(st["indices"]) == {b for b, g, _ in cm.branches if st["counts"]["cmf".index(g[0])]}
   # decoding the two stages' sum equals decoding from the summed entries by hand
   q = {g: 0.0 for g in ("coarse", "medium", "fine")}

@@ -16,6 +16,7 @@ from hvq_jax.entropy import bitstream
 from hvq_jax import codec
 from hvq_jax import images
 from hvq_jax.training import train
+from hvq_jax.training import heldout
 from hvq_jax.entropy.bitstream import BitstreamError
 from hvq_jax.layout import GRANULARITIES
 from tests.conftest import make_workdir
@@ -45,7 +46,7 @@ def _forward(cmodel, img, lmbda, ratios):
   """The model's own eval-mode forward on the same padded input."""
   m = cmodel.cfg.strides[0]
   xp = np.pad(img, ((0, (-img.shape[0]) % m), (0, (-img.shape[1]) % m), (0, 0)), mode="edge")
-  recon, bpp, idx, masks = jax.device_get(train.eval_forward(
+  recon, bpp, idx, masks = jax.device_get(heldout.eval_forward(
       cmodel.model, cmodel.params, xp[None], lmbda, jnp.asarray(ratios, jnp.float32)))
   return recon[0, :img.shape[0], :img.shape[1]], bpp[0] * xp.shape[0] * xp.shape[1], idx, masks
 

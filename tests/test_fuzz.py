@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import fuzz_codec
 from hvq_jax import codec, images
+from hvq_jax.codec import profile
 from hvq_jax.entropy import streams
 from hvq_jax.entropy.bitstream import BitstreamError
 
@@ -109,8 +110,7 @@ def test_the_digest_covers_every_stream(result, monkeypatch, kind):
   m = _models()[kind]
   img = images.bundled_photo("coffee")[:29, :45]
   settings = dict(lmbda=0.2, ratios=(0.3, 0.3, 0.4))
-  stats = {}
-  plain = codec.compress(m, img, stats=stats, **settings)
+  plain, stats = profile.compress(m, img, **settings)
   n_streams = 1 + len(stats["branch_bits"]) * (2 if m.hyper_on else 1)
   assert n_streams == (7 if kind == "hyperprior" else 13)
   off, size = fuzz_codec.FIELDS["digest"]

@@ -1,4 +1,4 @@
-"""Image input rules (hvq_jax/images.py) and the size limit (codec/coder.py memory_estimate).
+"""Image input rules (hvq_jax/images.py) and the size limit (codec/memory.py memory_estimate).
 
 16-bit files are written here by an independent PNG encoder (zlib + the five PNG filters +
 Adam7), by tifffile and by hand (PPM), and every expected pixel is computed from the
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from PIL import Image
 
 from hvq_jax import images, layout
-from hvq_jax.codec import coder
-from hvq_jax.codec.model import DEFAULT_CODEC, CheckpointError, CodecModel
+from hvq_jax.codec import coder, memory
+from hvq_jax.codec.model import CheckpointError, CodecModel
 from hvq_jax.configs import default, tiny_cpu
 from hvq_jax.entropy.bitstream import BitstreamError
 from hvq_jax.nn import model as model_lib
@@ -219,13 +219,13 @@ def test_compress_refuses_bad_arrays_by_name(micro_codec):
 # ---- how large an image fits -------------------------------------------------------------------
 def _stand_in(cfg, **codec):
   """What the size limit reads from a CodecModel: the model config and codec settings."""
-  return types.SimpleNamespace(cfg=cfg.model, codec=dict(DEFAULT_CODEC, **codec))
+  return types.SimpleNamespace(cfg=cfg.model, codec=dict(cfg.codec, **codec))
 
 
 def test_default_model_refuses_4096_square_early():
   m = _stand_in(default.get_config(), memory_budget_gb=20.0)
   # the issue's figure: the decoder attends over (4096 / 16)^2 tokens at stride 16
-  est = coder.memory_estimate(m.cfg, 4096, 4096)
+  est = memory.memory_estimate(m.cfg, 4096, 4096)
   assert est["decode"] > 2 * 4 * 65536 ** 2
   with pytest.raises(images.ImageError) as e:
     coder.prepare_image(m, np.zeros((4096, 4096, 3), np.uint8))
@@ -235,22 +235,22 @@ def test_default_model_refuses_4096_square_early():
   assert "budget is 20 GB" in msg and "memory_budget_gb" in msg
   h, w = map(int, msg.split("can code here is about ")[1].split(" ")[0].split("x"))
   assert h == w and 256 <= h < 4096
-  coder.check_size(m, h, w)          # the size it names fits ...
+  memory.check_size(m, h, w)          # the size it names fits ...
   with pytest.raises(images.ImageError):
-    coder.check_size(m, h + 16, w + 16)   # ... and one more coarse patch does not
+    memory.check_size(m, h + 16, w + 16)   # ... and one more coarse patch does not
 
 
 def test_largest_size_follows_aspect_and_budget():
   m = _stand_in(tiny_cpu.get_config(), memory_budget_gb=4.0)
-  h, w = coder.largest_size(m, aspect=2.0)
+  h, w = memory.largest_size(m, aspect=2.0)
   assert 1.9 < h / w < 2.1
-  h2, _ = coder.largest_size(_stand_in(tiny_cpu.get_config(), memory_budget_gb=8.0), 2.0)
+  h2, _ = memory.largest_size(_stand_in(tiny_cpu.get_config(), memory_budget_gb=8.0), 2.0)
   assert h < h2 < 2 * h   # more memory, larger image, less than linearly (attention)
 
 
 def test_default_budget_is_three_quarters_of_the_device():
   m = _stand_in(micro_config())
-  budget, source = coder.memory_budget(m)
+  budget, source = memory.memory_budget(m)
   import os
   ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   assert budget == pytest.approx(0.75 * ram) and "75%" in source
@@ -280,7 +280,7 @@ def _compiled_bytes(which: str, h: int, w: int):
 @pytest.mark.parametrize("which,h,w", [("micro", 256, 384), ("tiny", 512, 512)])
 def test_estimate_bounds_xla_memory_analysis(which, h, w):
   cfg, enc, dec = _compiled_bytes(which, h, w)
-  est = coder.memory_estimate(cfg.model, h, w)
+  est = memory.memory_estimate(cfg.model, h, w)
   assert dec <= est["decode"] <= 2 * dec, (dec, est)
   assert enc <= est["encode"] <= 3 * enc, (enc, est)
 

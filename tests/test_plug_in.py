@@ -1,4 +1,4 @@
-"""The plug-in prior (issue 15): a hyperprior trained on a frozen tokenizer, rate loss only."""
+"""The plug-in prior: a hyperprior trained on a frozen tokenizer, rate loss only."""
 import numpy as np
 import jax
 import pytest
@@ -6,6 +6,8 @@ import pytest
 from hvq_jax import codec, images
 from hvq_jax.nn import model as model_lib
 from hvq_jax.training import train
+from hvq_jax.training import optim
+from hvq_jax.training import trainer as trainer_lib
 from tests.conftest import micro_config
 
 
@@ -36,13 +38,13 @@ def test_plug_in_prior_freezes_the_tokenizer_and_trains_the_prior(tmp_path):
   moved = 0
   for p, v in jax.tree_util.tree_flatten_with_path(got)[0]:
     k = jax.tree_util.keystr(p)
-    if train.is_prior(p):
+    if optim.is_prior(p):
       assert k not in flat_src                      # the off run had static_*, not hyper_*
     else:
       np.testing.assert_array_equal(v, flat_src[k], err_msg=k)   # frozen, bit for bit
   step0 = codec.load_params(plug, step=0)[1]       # the plug-in run's initial prior
   for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(step0)):
-    if train.is_prior(p):
+    if optim.is_prior(p):
       moved += int(not np.array_equal(a, b))
   assert moved > 10                                 # the prior did train
   # same tokenizer: identical indices and reconstructions, only the bits differ
@@ -62,10 +64,10 @@ def test_plug_in_needs_a_source():
   c = _cfg(True, 1)
   c.train.trainable = "prior"
   with pytest.raises(model_lib.ConfigError, match="init_from"):
-    train.validate_config(c)
+    trainer_lib.validate_config(c)
   c.train.trainable = "encoder"
   with pytest.raises(model_lib.ConfigError, match="trainable"):
-    train.validate_config(c)
+    trainer_lib.validate_config(c)
 
 
 def test_plug_in_optimiser_keeps_no_moments_for_the_frozen_tokenizer():
@@ -74,7 +76,7 @@ def test_plug_in_optimiser_keeps_no_moments_for_the_frozen_tokenizer():
   t = train.Trainer(c)
   params = t.abstract_state["params"]
   prior = [p for p, a in jax.tree_util.tree_flatten_with_path(params)[0]
-           if train.is_prior(p) and a.ndim > 0]
+           if optim.is_prior(p) and a.ndim > 0]
   n_params = len([a for a in jax.tree.leaves(params) if a.ndim > 0])
   assert 0 < len(prior) < n_params
   # Adam's two moments exist for the prior's leaves only (set_to_zero keeps no state)

@@ -1,4 +1,4 @@
-"""hyperprior.context='coarser' (issue 15): each granularity's prior also reads the map and
+"""hyperprior.context='coarser': each granularity's prior also reads the map and
 the coarser granularities' decoded entries. The integer twin follows the float prior, files
 round-trip with the encoder's symbols, PyTorch prices and decodes them the same way."""
 import numpy as np
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from hvq_jax import codec, images, layout
+from hvq_jax.codec import profile
 from hvq_jax.entropy import integer
 from hvq_jax.layout import GRANULARITIES
 from hvq_jax.nn import model as model_lib
@@ -112,8 +113,7 @@ def test_context_files_round_trip_and_decode_in_torch(ctx_model, tmp_path):
   c, m, params = ctx_model
   cm = codec.CodecModel(c, params)
   img = images.bundled_photo("coffee")[:64, :80]
-  stats = {}
-  data = codec.compress(cm, img, ratios=(0.3, 0.3, 0.4), stats=stats)
+  data, stats = profile.compress(cm, img, ratios=(0.3, 0.3, 0.4))
   _, idx, gmap = codec.decode_indices(cm, data)
   enc = codec.encode_latents(cm, img, cm.default_lmbda,
                              (0.3, 0.3, 0.4))

@@ -10,7 +10,7 @@ from PIL import Image
 tfds = pytest.importorskip("tensorflow_datasets")
 
 from hvq_jax import images
-from hvq_jax.training import data, train
+from hvq_jax.training import data, heldout, train
 from tests.conftest import train_config
 
 NAME = "hvq_tiny_photos"
@@ -100,7 +100,7 @@ def test_training_pipeline_and_held_out_photos(prepared):
   assert not crops[0] & crops[1]
   # the held-out photos: the eval split's first eval.num_images, named by index
   c.eval.image_size, c.eval.num_images = 64, 2
-  held = train.eval_photos(c)
+  held = heldout.eval_photos(c)
   assert list(held) == [f"{NAME}_00000", f"{NAME}_00001"]
   assert _as_set(held.values()) <= _as_set(photos["validation"])
 

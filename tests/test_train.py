@@ -21,6 +21,7 @@ import pytest
 from hvq_jax import checkpoint as ckpt_lib
 from hvq_jax.nn.model import ConfigError
 from hvq_jax.training import train
+from hvq_jax.training import optim, resume
 from tests import conftest
 from tests.conftest import micro_config
 
@@ -69,7 +70,7 @@ def test_optimizer_never_applies_a_nonfinite_update():
   c = resume_config()
   c.train.max_bad_steps = 2
   params = {"w": jnp.ones(3)}
-  for opt, finite_after in [(train.make_optimizer(c.train, 1e-3), True),
+  for opt, finite_after in [(optim.make_optimizer(c.train, 1e-3), True),
                             (optax.apply_if_finite(optax.adam(1e-3), 2), False)]:
     st, p = opt.init(params), params
     for _ in range(5):
@@ -149,7 +150,7 @@ def test_config_changes_sorts_fields():
   old = json.loads(resume_config().to_json())
   c = resume_config()
   c.train.num_steps, c.loss.w_gan, c.model.embed_dim, c.train.ema_decay = 9, 0.2, 8, 0.999
-  d = train.config_changes(old, c)
+  d = resume.config_changes(old, c)
   assert [k for k, _, _ in d["safe"]] == ["train.num_steps"]
   assert [k for k, _, _ in d["changes"]] == ["loss.w_gan"]
   assert [k for k, _, _ in d["structural"]] == ["model.embed_dim", "train.ema_decay"]

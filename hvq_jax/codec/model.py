@@ -14,22 +14,11 @@ from typing import Dict, Optional
 import numpy as np
 import jax
 import jax.numpy as jnp
-import ml_collections
-
 from hvq_jax import checkpoint as ckpt_lib
 from hvq_jax import compile_cache
 from hvq_jax import layout
+from hvq_jax.configs import upgrade
 from hvq_jax.entropy import integer
-
-# z_range: z_hat is clipped to [-z_range, z_range] before it is coded; weight_bits: the
-# integer hyper-synthesis' weights; max_pixels: the largest image accepted;
-# index_chunk: positions whose index weights are built at once (device memory);
-# memory_budget_gb: what one image may take to code (coder.memory_estimate: attention,
-# activations, index weights); 0: 75% of the device's memory. Larger images are refused
-# before any work, with the largest size that fits.
-DEFAULT_CODEC = dict(z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048,
-                     memory_budget_gb=0.0)
-
 
 class CheckpointError(FileNotFoundError):
   """No usable checkpoint where one was asked for; the message names the directory."""
@@ -69,7 +58,7 @@ def codebook_entries(params, model_cfg, key: str, stage: int) -> np.ndarray:
 def build_tables(params, model_cfg, codec: dict) -> Dict[str, integer.BranchTables]:
   """The integer entropy model of every branch (deterministic: see entropy/integer.py)."""
   host = jax.device_get(params)
-  hyper_on = bool(model_cfg.hyperprior.get("enabled", True))
+  hyper_on = bool(model_cfg.hyperprior.enabled)
   out = {}
   entries = {k: codebook_entries(host, model_cfg, k, s) for k, _, s in layout.branches(model_cfg)}
   ctx_bits = integer.context_bits(entries.values())   # one scale for every branch's context
@@ -95,10 +84,8 @@ class CodecModel:
     if _build_model:
       self._model = self.model
     self.params = params
-    codec = dict(DEFAULT_CODEC)
-    codec.update({k: v for k, v in (config.get("codec", {}) or {}).items() if k in DEFAULT_CODEC})
-    self.codec = codec
-    self.hyper_on = bool(self.cfg.hyperprior.get("enabled", True))
+    self.codec = codec = config.codec.to_dict()
+    self.hyper_on = bool(self.cfg.hyperprior.enabled)
     self.branches = layout.branches(self.cfg)
     host = jax.device_get(params)
     leaves = jax.tree.leaves(host)
@@ -179,7 +166,7 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   found = ckpt_lib.local_step_config(d, step)
   if found is not None:
-    config = ml_collections.ConfigDict(found[1])
+    config = upgrade.upgrade(found[1])
     params = ckpt_lib.read_params(d, found[0], _params_key(config))
     if params is not None:
       return config, jax.device_put(params, one)
@@ -187,18 +174,18 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
 
 
 def _params_key(config) -> str:
-  return "ema_params" if config.train.get("ema_decay", 0.0) > 0 else "params"
+  return "ema_params" if config.train.ema_decay > 0 else "params"
 
 
 def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_init: bool = False):
   """`load_params` through Orbax's CheckpointManager; `from_init`: the shapes from
-  `jax.eval_shape` of the model's init (what the codec did before it read them from the
-  checkpoint's metadata; kept as the fallback, and to compare with)."""
+  `jax.eval_shape` of the model's init: the fallback for a checkpoint whose metadata does
+  not list the params as a tree of arrays, and the reference the tests compare with)."""
   ck = ckpt_lib.Checkpointer(d, async_save=False)
   try:
     if ck.latest_step() is None:
       raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
-    config = ml_collections.ConfigDict(ck.restore_config(step))
+    config = upgrade.upgrade(ck.restore_config(step))
     key = _params_key(config)
     params = None if from_init else ck.restore_subtree(step, key, one)
     if params is None:

@@ -324,7 +324,7 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   model-wide context scale (`context_bits` of all its codebooks; default: this one's)."""
   h = model_cfg.hyperprior
   raw = params.get("index_bias")
-  logits = None if raw is None else np.asarray(raw, np.float64) * float(h.get("index_bias_scale", 1.0))
+  logits = None if raw is None else np.asarray(raw, np.float64) * float(h.index_bias_scale)
   if not hyper_on:
     return BranchTables(None, (), **index_tables(codebook, logits, 1.0, None))
   mix = float(det_sigmoid(np.asarray(params["mix_logit"], np.float64))) if "mix_logit" in params else None
@@ -332,7 +332,7 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   r = int(codec_cfg["z_range"])
   wbits = int(codec_cfg["weight_bits"])
   layers, context, ctx_entries, in_bits = [], (), None, 0
-  if h.get("context", "none") == "coarser":
+  if h.context == "coarser":
     # The context (entries and masks, in units 2^-ctx_bits) has its own part of the first
     # layer, requantised apart from z_hat's part and added: each input keeps its own scale.
     ctx_bits = context_bits([codebook]) if ctx_bits is None else int(ctx_bits)

@@ -58,10 +58,11 @@ def encoder_pull(entry: jax.Array, y: jax.Array, scale=1.0) -> jax.Array:
   """entry + (y - stop_gradient(y)) * scale: forward value e_k*, the codebook's exact
   gradient through `entry`, and, on top of it, a straight-through pull of the encoder's y.
 
-  The codebook must receive the exact gradient of the bits it is priced at (METHOD.md,
-  corrected 2026-11-26): for the chosen entry (1 - p_k)(e_k - mu) / (sigma^2 ln 2), a pull
-  toward mu. The former `y + stop_gradient(e_k - y)` cut the chosen entry's own term and
-  left only -p_k (e_k - mu) / (sigma^2 ln 2) from the normaliser, pushing e_k away from mu.
+  The codebook must receive the exact gradient of the bits it is priced at (docs/method.md):
+  for the chosen entry (1 - p_k)(e_k - mu) / (sigma^2 ln 2), a pull toward mu. Putting the
+  straight-through vector `y + stop_gradient(e_k - y)` in the chosen entry's distance would
+  cut that entry's own term and leave only -p_k (e_k - mu) / (sigma^2 ln 2) from the
+  normaliser, a push away from mu.
   The encoder's pull is our choice (config `model.rate_straight_through`): 'exact' gives
   y the chosen term's gradient (e_k - mu) / (sigma^2 ln 2); 'scaled' multiplies it by
   stop_gradient(sigma^2), a bounded (e_k - mu) / ln 2 (the unscaled pull drove y away

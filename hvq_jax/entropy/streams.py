@@ -31,9 +31,10 @@ class Recorder:
 
   def __init__(self, known: Dict[Tuple[str, str], np.ndarray], h: int, w: int, counts):
     self.known = known
+    self.counts = tuple(counts)
     self.streams = []
     self.names = []
-    self.priors = {}   # branch -> integer (mu, log-sigma) at the sent positions
+    self.priors = {}   # branch -> integer (mu, log-sigma) at the sent positions (evaluation)
     self._digest = _digest_start(h, w, counts)
 
   def code(self, stream: layout.Stream, weights: np.ndarray, where=None) -> np.ndarray:
@@ -69,6 +70,9 @@ class Reader:
   def exhausted(self) -> bool:
     return self._dec.exhausted()
 
+  def observe(self, stream: layout.Stream, mu: np.ndarray, ls: np.ndarray) -> None:
+    """The decoder keeps no priors."""
+
 
 def numpy_index_weights(tables: Dict[str, integer.BranchTables]):
   return lambda key, mu, ls: integer.branch_index_weights(tables[key], mu, ls)
@@ -87,7 +91,7 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
   index_weights = index_weights or numpy_index_weights(tables)
   timer = timer or (lambda stage: contextlib.nullcontext())
   strides = tuple(model_cfg.strides)
-  hyper_on = bool(model_cfg.hyperprior.get("enabled", True))
+  hyper_on = bool(model_cfg.hyperprior.enabled)
   hc, wc = hp // strides[0], wp // strides[0]
   n = hc * wc
   plan = layout.stream_plan(model_cfg, counts)
@@ -100,7 +104,7 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
   grids = layout.grids(hp, wp, strides)
   zmasks = {}
   if hyper_on:
-    if model_cfg.hyperprior.get("mask_z", False):
+    if model_cfg.hyperprior.mask_z:
       zmasks = layout.z_masks(masks, model_cfg.hyperprior.num_down)
     else:
       zmasks = {g: np.ones((1,) + layout.z_grid(*grids[g], model_cfg.hyperprior.num_down), bool)
@@ -130,8 +134,7 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
           mu, ls = integer.synthesis(t, z_hat[st.branch], grids[st.granularity], ctx)
         with timer("pmf"):
           w = index_weights(st.branch, mu[mask], ls[mask])
-        if hasattr(io, "observe"):   # evaluation: what the prior predicted at sent positions
-          io.observe(st, mu[mask], ls[mask])
+        io.observe(st, mu[mask], ls[mask])
       else:
         w = np.broadcast_to(t.static, (int(mask.sum()), t.static.size))
       with timer("range_coding"):
@@ -159,6 +162,15 @@ def read_header(data: bytes, fingerprint: bytes, model_cfg, max_pixels: int):
     raise BitstreamError(f"granularity counts {tuple(header.counts)} do not add up to the {n} "
                          f"patches of a {h}x{w} image")
   return header, payload, (hp, wp)
+
+
+def encode(tables, model_cfg, z_range: int, known, hw_image, counts, hw, index_weights=None,
+           timer=None) -> Recorder:
+  """Entropy-model an image whose symbols are `known` (`Recorder`): the Recorder holds each
+  stream's symbols and weights for the range coder, the symbol digest and the priors."""
+  rec = Recorder(known, *hw_image, counts)
+  walk(rec, tables, model_cfg, z_range, counts, *hw, index_weights, timer)
+  return rec
 
 
 def decode(tables, model_cfg, z_range: int, header, payload, hw, index_weights=None,

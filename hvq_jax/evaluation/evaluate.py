@@ -21,6 +21,7 @@ import numpy as np
 from hvq_jax.evaluation import baselines
 from hvq_jax.entropy import bitstream
 from hvq_jax import codec
+from hvq_jax.codec import profile
 from hvq_jax.evaluation import metrics
 from hvq_jax.evaluation import static_prior
 from hvq_jax import images as images_lib
@@ -136,8 +137,7 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
   for name, s in tqdm(todo, desc="hvq", disable=not progress):
     img = images[name]
     hw = img.shape[0] * img.shape[1]
-    st = {}
-    data = codec.compress(cmodel, img, lmbda=s["lmbda"], ratios=s["ratios"], stats=st)
+    data, st = profile.compress(cmodel, img, lmbda=s["lmbda"], ratios=s["ratios"])
     rec = codec.decompress(cmodel, data)
     if save_recon:
       from PIL import Image
@@ -147,7 +147,7 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
     for k, d in st["branch_bits"].items():
       acc = branch_bits.setdefault(k, np.zeros(4))
       acc += (d["y"], d["z"], priced["per_branch"].get(k, 0.0), d["n"])
-    for k, v in prior_diagnostics(cmodel, st["indices"], st.get("priors", {})).items():
+    for k, v in prior_diagnostics(cmodel, st["indices"], st["priors"]).items():
       diag.setdefault(k, np.zeros(4))[:] += v.sum(0)
     shared = CONTAINER_BITS + st["bits"]["map"]
     hyper = 8 * len(data)

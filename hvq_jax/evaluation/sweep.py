@@ -67,7 +67,7 @@ def _hyperprior_off(config: str, variant: str, overrides: Dict[str, str], extra)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config(variant) if variant else mod.get_config()
-  return not c.model.hyperprior.get("enabled", True)
+  return not c.model.hyperprior.enabled
 
 
 def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
@@ -76,7 +76,7 @@ def plan(config: str, workdir: str, variants: Sequence[str], grid: str,
          ) -> List[Tuple[str, List[str], List[str]]]:
   """[(run dir, train argv, eval argv)]. With `plug_in`, every run trained without the
   hyperprior is followed by `RUN__plug_in`: its tokenizer (encoder, codebooks, decoder)
-  frozen from that run and only a hyperprior trained on the rate (issue 15's plug-in
+  frozen from that run and only a hyperprior trained on the rate (the plug-in
   prior: identical indices and reconstructions, fewer bits); `plug_in_set` ('field=value')
   are overrides for the plug-in runs only (e.g. model.hyperprior.context=coarser)."""
   runs = []

@@ -19,6 +19,8 @@ import numpy as np
 import jax
 import ml_collections
 
+from hvq_jax.configs import upgrade
+
 FORMAT = "hvq_jax-torch-1"
 
 
@@ -121,7 +123,8 @@ def load_coding(path: str):
     branch, name = k.split(".", 1)
     by_branch.setdefault(branch, {})[name] = a
   tables = {b: integer.BranchTables.from_arrays(a) for b, a in by_branch.items()}
-  return tables, bytes.fromhex(meta["fingerprint"]), json.loads(meta["codec"])
+  codec = upgrade.upgrade(json.loads(meta["codec"]), "codec").to_dict()
+  return tables, bytes.fromhex(meta["fingerprint"]), codec
 
 
 def load_torch(path: str) -> Tuple[Dict[str, np.ndarray], ml_collections.ConfigDict, dict]:
@@ -138,7 +141,7 @@ def load_torch(path: str) -> Tuple[Dict[str, np.ndarray], ml_collections.ConfigD
   if meta.get("format") != FORMAT:
     raise ExportError(f"{path}: not an hvq_jax export (metadata format {meta.get('format')!r}, "
                       f"expected {FORMAT!r})")
-  return tensors, ml_collections.ConfigDict(json.loads(meta["model"])), json.loads(meta["rd"])
+  return tensors, upgrade.upgrade(json.loads(meta["model"]), "model"), json.loads(meta["rd"])
 
 
 # ---- StableHLO --------------------------------------------------------------------------

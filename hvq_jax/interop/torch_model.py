@@ -337,7 +337,7 @@ class HyperBranch(nn.Module):
     for i in range(h.num_down):
       out = h.channels if i < h.num_down - 1 else h.latent_channels
       setattr(self, f"analysis_down{i}", Conv(h.channels, out, 5, stride=2))
-    ctx = 3 * (c.embed_dim + 1) if h.get("context", "none") == "coarser" else 0
+    ctx = 3 * (c.embed_dim + 1) if h.context == "coarser" else 0
     for i in range(h.num_down):
       cin = h.latent_channels + ctx if i == 0 else h.channels
       setattr(self, f"synthesis_up{i}", ConvTransposeSame(cin, h.channels, 5))
@@ -348,12 +348,12 @@ class HyperBranch(nn.Module):
     self.with_context = bool(ctx)
     self.bottleneck = EntropyBottleneck(h.latent_channels)
     self.log_sigma_range = (math.log(h.sigma_min), math.log(h.sigma_max))
-    if h.get("index_bias", False):
+    if h.index_bias:
       self.index_bias = nn.Parameter(torch.zeros(c.codebook_size))
-      self.bias_scale = float(h.get("index_bias_scale", 1.0))
+      self.bias_scale = float(h.index_bias_scale)
     else:
       self.index_bias = None
-    self.mix_logit = nn.Parameter(torch.zeros(())) if h.get("index_mixture", False) else None
+    self.mix_logit = nn.Parameter(torch.zeros(())) if h.index_mixture else None
 
   def analysis(self, y):
     h = F.gelu(self.analysis_in(y), approximate="tanh")
@@ -392,7 +392,7 @@ class StaticIndexPrior(nn.Module):
   def __init__(self, c):
     super().__init__()
     self.index_bias = nn.Parameter(torch.zeros(c.codebook_size))
-    self.bias_scale = float(c.hyperprior.get("index_bias_scale", 1.0))
+    self.bias_scale = float(c.hyperprior.index_bias_scale)
 
   def log_prior(self):
     return self.bias_scale * self.index_bias
@@ -451,8 +451,8 @@ class HVQ(nn.Module):
     self.default_lmbda, self.default_ratios = float(lmbda), tuple(float(r) for r in ratios)
     self.encoder = Encoder(c)
     self.decoder = Decoder(c)
-    self.stages = int(c.get("rvq_stages", 1))
-    self.hyper_on = bool(c.hyperprior.get("enabled", True))
+    self.stages = int(c.rvq_stages)
+    self.hyper_on = bool(c.hyperprior.enabled)
     # Same branch keys and module names as hvq_jax.nn.model (stage 0: the granularity's
     # name; residual stage s: f"{g}_s{s}", never l2-normalised).
     self.branches = list(layout.branches(c))
@@ -499,7 +499,7 @@ class HVQ(nn.Module):
         if self.hyper_on:
           hb = getattr(self, f"hyper_{k}")
           z_hat = torch.round(hb.analysis(v))
-          if c.hyperprior.get("mask_z", False):
+          if c.hyperprior.mask_z:
             zm = torch.from_numpy(np.array(zmask[g]))
             z_hat = z_hat * zm[:, None].float()
           else:
@@ -589,7 +589,7 @@ def decompress(net: HVQ, data: bytes) -> np.ndarray:
     net.coding = export.load_coding(net.coding_path)
   tables, fingerprint, codec = net.coding
   header, payload, hw = streams.read_header(data, fingerprint, net.cfg,
-                                            codec.get("max_pixels", 4096 * 4096))
+                                            codec["max_pixels"])
   gmap, indices = streams.decode(tables, net.cfg, int(codec["z_range"]), header, payload, hw)
   x = net.decode_latents({k: torch.from_numpy(v) for k, v in indices.items()},
                          torch.from_numpy(gmap), hw)

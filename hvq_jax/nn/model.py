@@ -44,9 +44,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"coarse stride {strides[0]} must be 2^(len(ch_mult)-1) = {2 ** (levels - 1)}")
   need(len(cfg.dec_ch_mult) == levels, "dec_ch_mult must have as many levels as ch_mult")
   need(cfg.codebook_size >= 2, f"codebook_size must be >= 2, got {cfg.codebook_size}")
-  stages = cfg.get("rvq_stages", 1)
+  stages = cfg.rvq_stages
   need(isinstance(stages, int) and stages >= 1, f"rvq_stages must be an integer >= 1, got {stages!r}")
-  need(cfg.get("rvq_init_scale", 0.0) >= 0, "rvq_init_scale must be >= 0")
+  need(cfg.rvq_init_scale >= 0, "rvq_init_scale must be >= 0")
   need(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
   for name, ch, mult in (("ch", cfg.ch, cfg.ch_mult), ("dec_ch", cfg.dec_ch, cfg.dec_ch_mult)):
     for m in mult:
@@ -56,12 +56,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
        f"hyperprior.channels must be an integer >= 1, got {cfg.hyperprior.channels!r}")
   need(isinstance(cfg.hyperprior.num_down, int) and cfg.hyperprior.num_down >= 1,
        f"hyperprior.num_down must be an integer >= 1, got {cfg.hyperprior.num_down!r}")
-  ctx = cfg.hyperprior.get("context", "none")
+  ctx = cfg.hyperprior.context
   need(ctx in ("none", "coarser"), f"hyperprior.context must be 'none' or 'coarser', got {ctx!r}")
-  need(ctx == "none" or (cfg.get("rvq_stages", 1) == 1 and cfg.hyperprior.get("enabled", True)),
+  need(ctx == "none" or (cfg.rvq_stages == 1 and cfg.hyperprior.enabled),
        "hyperprior.context='coarser' needs rvq_stages=1 and hyperprior.enabled=True")
   for flag in ("mask_z", "index_bias", "index_mixture", "enabled"):
-    need(isinstance(cfg.hyperprior.get(flag, False), bool), f"hyperprior.{flag} must be True or False")
+    need(isinstance(cfg.hyperprior[flag], bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
        "need 0 < hyperprior.sigma_min < hyperprior.sigma_max")
   need(cfg.rate_straight_through in ("exact", "scaled", "off"),
@@ -93,14 +93,14 @@ class HVQ(nn.Module):
     dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
     self.encoder = Encoder(c.ch, tuple(c.ch_mult), c.num_res_blocks, tuple(c.attn_strides),
                            tuple(c.head_attn_strides), tuple(c.strides), c.embed_dim,
-                           c.norm_groups, c.lambda_conditioning, dtype, c.get("remat", False))
+                           c.norm_groups, c.lambda_conditioning, dtype, c.remat)
     self.decoder = Decoder(c.dec_ch, tuple(c.dec_ch_mult), c.dec_num_res_blocks,
                            tuple(c.dec_attn_strides), c.norm_groups, 3, dtype,
-                           c.get("remat", False))
-    stages = int(c.get("rvq_stages", 1))
+                           c.remat)
+    stages = int(c.rvq_stages)
     # Residual stages quantise residuals: small vectors off the unit sphere, so their
     # codebooks are never normalised and start at the residual scale (rvq_init_scale).
-    res_scale = float(c.get("rvq_init_scale", 0.0)) or c.codebook_init_scale
+    res_scale = float(c.rvq_init_scale) or c.codebook_init_scale
     make_cb = lambda s, name: Codebook(c.codebook_size, c.embed_dim, c.l2_normalized and s == 0,
                                        c.codebook_init_scale if s == 0 else res_scale, name=name)
     made = {}
@@ -110,21 +110,21 @@ class HVQ(nn.Module):
         made[name] = make_cb(s, name)
     self.codebooks = {k: made[codebook_name(c, k, s)] for k, _, s in branches(c)}
     h = c.hyperprior
-    if not h.get("enabled", True):
-      self.hyper = {k: StaticIndexPrior(c.codebook_size, float(h.get("index_bias_scale", 1.0)),
+    if not h.enabled:
+      self.hyper = {k: StaticIndexPrior(c.codebook_size, float(h.index_bias_scale),
                                         name=f"static_{k}") for k, _, _ in branches(c)}
       return
-    bias_k = c.codebook_size if h.get("index_bias", False) else 0
+    bias_k = c.codebook_size if h.index_bias else 0
     self.hyper = {k: HyperBranch(c.embed_dim, h.channels, h.latent_channels, h.num_down,
                                  h.sigma_min, h.sigma_max, dtype, bias_k,
-                                 float(h.get("index_bias_scale", 1.0)),
-                                 bool(h.get("index_mixture", False)),
+                                 float(h.index_bias_scale),
+                                 bool(h.index_mixture),
                                  self.context_channels(), name=f"hyper_{k}")
                   for k, _, _ in branches(c)}
 
   def context_channels(self) -> int:
     """Channels of a prior's context map (config `hyperprior.context`; 0: none)."""
-    ctx = self.cfg.hyperprior.get("context", "none")
+    ctx = self.cfg.hyperprior.context
     return 3 * (self.cfg.embed_dim + 1) if ctx == "coarser" else 0
 
   def prior_context(self, g: str, q: Dict[str, jax.Array], masks) -> jax.Array:
@@ -183,7 +183,7 @@ class HVQ(nn.Module):
   def encode_latents(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array) -> Dict[str, Any]:
     """Padded x -> map, indices {branch: [B, h_g, w_g]} and continuous z {branch: [B, ., ., C_z]}."""
     a = self.analyze(x, lmbda, ratios)
-    hyper_on = self.cfg.hyperprior.get("enabled", True)
+    hyper_on = self.cfg.hyperprior.enabled
     idx, z = {}, {}
     for g in GRANULARITIES:
       for k, v, vq in self.quantize(g, a["y"][g]):
@@ -237,8 +237,8 @@ class HVQ(nn.Module):
     bits, q, indices, mu_sigma = {}, {}, {}, {}
     cb_loss = commit_loss = 0.0
     z_bits = jnp.zeros((b,), jnp.float32)
-    zm = layout.z_masks(masks, c.hyperprior.num_down, jnp) if c.hyperprior.get("mask_z", False) else {}
-    hyper_on = c.hyperprior.get("enabled", True)
+    zm = layout.z_masks(masks, c.hyperprior.num_down, jnp) if c.hyperprior.mask_z else {}
+    hyper_on = c.hyperprior.enabled
     for g in GRANULARITIES:
       m = masks[g].astype(jnp.float32)
       any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)

@@ -149,7 +149,7 @@ def read_threads(data_cfg, workers: int) -> int:
   on an H100, tiny config at batch 32, 96 px: 2 threads made 480 images/s where the step
   runs 800-900, which grain's default 16 threads kept up with).
   """
-  n = int(data_cfg.get("read_threads", -1))
+  n = int(data_cfg.read_threads)
   if n >= 0:
     return n          # 0: each batch made when it is asked for, in the asking thread
   if n != -1:
@@ -194,9 +194,9 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> "Tr
         .repeat(None)
         .random_map(RandomCrop(config.image_size, config.data.min_scale, config.data.flip),
                     seed=config.seed + 1)
-        .random_map(ColorJitter(config.data.get("color_hue_deg", 0.0),
-                                config.data.get("color_saturation", 0.0),
-                                config.data.get("color_permute", 0.0)),
+        .random_map(ColorJitter(config.data.color_hue_deg,
+                                config.data.color_saturation,
+                                config.data.color_permute),
                     seed=config.seed + 2)
         .batch(batch // process_count, drop_remainder=True))
   workers = num_workers(config.data)
@@ -209,7 +209,7 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1) -> "Tr
     import warnings
     warnings.warn(f"data.num_workers=-1 (auto): no worker processes, {msg}", stacklevel=2)
     workers = 0
-  return TrainStream(ds, workers, int(config.data.get("worker_buffer_size", 2)),
+  return TrainStream(ds, workers, int(config.data.worker_buffer_size),
                      read_threads(config.data, workers))
 
 
