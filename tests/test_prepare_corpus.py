@@ -1,8 +1,10 @@
-"""scripts/prepare_corpus.py on tiny .deb packages built here (no download)."""
+"""scripts/prepare_corpus.py on tiny .deb packages built here (no download), and the
+shipped demo photos against their SOURCES.md."""
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -267,3 +269,28 @@ def test_the_pinned_manifest():
     held = {(p["package"], p[key]) if key == "path" else p[key] for p in split["heldout"]}
     assert not train & held
 
+
+PHOTOS = ROOT / "hvq_jax" / "photos"
+_ROW = re.compile(r"^\| `([a-z0-9_]+\.jpg)` \| (\d+)x(\d+) \| `([0-9a-f]{64})` \| "
+                  r"(\S+) \S+ \| `([^`]+)` \| `([0-9a-f]{64})` \| ([^|]+) \|")
+
+
+def test_shipped_demo_photos_match_sources_md():
+  rows = [_ROW.match(l) for l in (PHOTOS / "SOURCES.md").read_text().splitlines()
+          if l.startswith("| `")]
+  assert rows and all(rows), "every table row of SOURCES.md parses"
+  listed = {r.group(1): r for r in rows}
+  assert sorted(listed) == sorted(p.name for p in PHOTOS.glob("*.jpg"))
+  assert 6 <= len(listed) <= 10
+  assert sum(p.stat().st_size for p in PHOTOS.glob("*.jpg")) < 1.5e6
+  pinned = {(p["package"], p["path"]): p for p in pc.load_manifest(pc.MANIFEST)["photos"]}
+  for name, r in listed.items():
+    with Image.open(PHOTOS / name) as im:
+      im.load()
+      assert im.format == "JPEG" and im.mode == "RGB"
+      assert im.size == (int(r.group(2)), int(r.group(3)))
+      assert 384 <= max(im.size) <= 512
+    assert sha256(PHOTOS / name) == r.group(4)
+    source = pinned[(r.group(5), r.group(6))]
+    assert source["sha256"] == r.group(7) and source["split"] == "train"
+    assert r.group(8).strip() in pc.REDISTRIBUTABLE
