@@ -151,6 +151,10 @@ def test_eval_rows_and_file_sizes(eval_run):
   else:                       # 176x200 and 70x90 photos hold no 256x256 patch
     assert all(r["fid"] is None for r in evaluate.read_fid_kid(os.path.join(out, "fid_kid.csv")).values())
   assert os.path.isfile(os.path.join(out, "fid_kid.csv"))
+  from hvq_jax.evaluation import report
+  text = "\n".join(report.lines(summary))
+  assert "DISTS" in text.splitlines()[0] and "FID/256" in text.splitlines()[0]
+  assert "FID/KID" in text and "published curves: dataset unknown" in text
 
 
 def test_static_bits_match_histogram_of_decoded_files(eval_run):

@@ -75,6 +75,7 @@ def test_dataset_filter():
   assert all(e["dataset"] == "kodak" for e in kodak)
   assert all(e["dataset"] == "clic2020" for e in published.for_dataset("clic2020"))
   assert published.for_dataset(None) == [] and published.for_dataset("my_photos") == []
+  assert "kodak" in published.note("my_photos") and "unknown" in published.note(None)
 
 
 def test_comparable_lpips_backbones():
@@ -149,3 +150,7 @@ def test_plots_draw_only_the_same_dataset(tmp_path):
     figs = json.load(f)["figures"]
   for fig in figs.values():
     assert fig["curves"] == ["hvq"] and "dataset unknown" in fig["note"]
+  plots.rd_plots([str(tmp_path / "u")], str(tmp_path / "u"), dataset="my_photos")
+  with open(tmp_path / "u" / "rd_plots.json") as f:
+    figs = json.load(f)["figures"]
+  assert all(fig["curves"] == ["hvq"] and "known: " in fig["note"] for fig in figs.values())

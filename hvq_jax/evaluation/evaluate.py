@@ -224,8 +224,7 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
       dataset=dataset,
       bd_rate_vs_published_percent=bd_pub, bd_rate_vs_published_not_computed=bd_pub_missing,
       published=published_lib.for_dataset(dataset),
-      published_note=("published curves of the same dataset only" if dataset else
-                      "dataset unknown (pass --dataset kodak|clic2020|...): no published curves"))
+      published_note=published_lib.note(dataset))
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=_jsonable)
   return summary

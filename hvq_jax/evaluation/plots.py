@@ -99,6 +99,9 @@ def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool =
       note = "published curves off"
     elif dataset is None:
       note = "published curves not drawn: dataset unknown (--dataset kodak|clic2020|...)"
+    elif not refs:
+      note = (f"no published curves for '{dataset}' "
+              f"(known: {', '.join(published_lib.known_datasets())})")
     elif not any(published_lib.comparable(e, key, lpips_net)[0] for e in refs):
       note = f"no published {key} for {dataset}"
     else:

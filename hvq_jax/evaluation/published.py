@@ -34,6 +34,15 @@ def for_dataset(dataset: Optional[str], extra_files: Optional[Sequence[str]] = N
   return [e for e in baselines.published(extra_files) if normalise(e["dataset"]) == d]
 
 
+def note(dataset: Optional[str]) -> str:
+  """One line on which published curves accompany results on `dataset`."""
+  if normalise(dataset) is None:
+    return "dataset unknown (pass --dataset kodak|clic2020|...): no published curves"
+  if not for_dataset(dataset):
+    return f"no published curves for '{normalise(dataset)}' (known: {', '.join(known_datasets())})"
+  return f"published curves measured on {normalise(dataset)} only"
+
+
 def comparable(entry: Dict, metric: str, lpips_net: Optional[str]) -> Tuple[bool, str]:
   """(drawable, caveat) for one metric of a published entry beside our numbers."""
   if not any(p.get(metric) is not None for p in entry["points"]):

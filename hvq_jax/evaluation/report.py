@@ -39,12 +39,14 @@ def lines(summary: Dict) -> List[str]:
   if "hyperprior_saving_vs_static" in summary and summary["hyperprior_saving_vs_static"] is not None:
     out.append(f"hyperprior saving vs static histogram: {summary['hyperprior_saving_vs_static']:+.1%} "
                f"(vs Huffman {summary['hyperprior_saving_vs_huffman']:+.1%})")
-  bd = {**summary.get("bd_rate_percent", {}), **summary.get("bd_rate_vs_published_percent", {})}
+  bd = {k: v for k, v in {**summary.get("bd_rate_percent", {}),
+                          **summary.get("bd_rate_vs_published_percent", {})}.items() if v is not None}
   if bd:
     out.append("BD-rate of hvq (%, negative saves bits) at equal metric:")
-    for k, v in bd.items():
-      if v is not None:
-        out.append(f"  {k}: {v:+.1f}")
+    out += [f"  {k}: {v:+.1f}" for k, v in bd.items()]
+  else:
+    out.append("BD-rate: none computed (no curve pair shares a metric range with 2+ points; "
+               "reasons in summary.json bd_rate_*not_computed)")
   out.append(f"published curves: {summary.get('published_note', '')}"
              + (" — " + ", ".join(sorted({e['method'] for e in summary.get('published', [])}))
                 if summary.get("published") else ""))
