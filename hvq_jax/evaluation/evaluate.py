@@ -6,8 +6,11 @@ histogram fitted on the training images (Control-GIC's scheme; `static_prior.py`
 ideal arithmetic code and as a Huffman code, and at log2(K) bits each (fixed length),
 all with the same container overhead and
 granularity-map code as our file, so the only difference is how the indices (and, for
-us, z) are coded. Outputs: `results.csv` (one row per image, method and setting) and
-`summary.json` (per-setting means, the hyperprior's saving, BD-rates).
+us, z) are coded. DISTS is per image (`perceptual.py`); FID/KID are per method and
+setting over 256x256 patches of the whole set (`fidelity.py`). Outputs: `results.csv`
+(one row per image, method and setting), `fid_kid.csv` (one row per method and setting)
+and `summary.json` (per-setting means, the hyperprior's saving, BD-rates, published
+curves of the same dataset).
 """
 import csv
 import json
@@ -19,6 +22,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from hvq_jax.evaluation import baselines
+from hvq_jax.evaluation import fidelity
+from hvq_jax.evaluation import perceptual
+from hvq_jax.evaluation import published as published_lib
 from hvq_jax.entropy import bitstream
 from hvq_jax import codec
 from hvq_jax.codec import profile
@@ -27,7 +33,7 @@ from hvq_jax.evaluation import static_prior
 from hvq_jax import images as images_lib
 
 FIELDS = ("image", "method", "setting", "lmbda", "ratios", "quality", "bytes", "bpp", "psnr",
-          "ms_ssim", "lpips", "color_shift", "ciede2000", "bits_hyperprior", "bits_static", "bits_huffman", "bits_fixed",
+          "ms_ssim", "lpips", "dists", "color_shift", "ciede2000", "bits_hyperprior", "bits_static", "bits_huffman", "bits_fixed",
           "est_bits_y", "est_bits_z", "est_bits_map", "saving_vs_static", "saving_vs_huffman", "saving_vs_fixed")
 CONTAINER_BITS = 8 * bitstream.CONTAINER_BYTES
 
@@ -72,12 +78,13 @@ class LpipsMetric:
     return float(self._fn(self.params, to(a), to(b))[0])
 
 
-def _quality(orig, rec, lp) -> Dict[str, Optional[float]]:
+def _quality(orig, rec, lp, ds=None) -> Dict[str, Optional[float]]:
   try:
     ms = metrics.ms_ssim(orig, rec)
   except ValueError:
     ms = None  # smaller than MS-SSIM's 5 scales allow
   return dict(psnr=metrics.psnr(orig, rec), ms_ssim=ms, lpips=lp(orig, rec),
+              dists=ds(orig, rec) if ds is not None else None,
               color_shift=metrics.color_shift(orig, rec), ciede2000=metrics.ciede2000(orig, rec))
 
 
@@ -123,10 +130,15 @@ def parse_settings(lmbdas: Optional[str], ratios: Optional[str], cmodel) -> List
 def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: str,
         fit_images: Dict[str, np.ndarray], baseline_codecs: Sequence[str] = ("jpeg", "webp", "avif"),
         lpips_net: str = "alexnet", lpips_weights: Optional[str] = None, save_recon: bool = True,
-        progress: bool = True, command: str = "") -> Dict:
+        progress: bool = True, command: str = "", dataset: Optional[str] = None,
+        dists: bool = True, dists_alpha_beta: Optional[str] = None, fid_kid: bool = True,
+        inception_weights: Optional[str] = None) -> Dict:
   from tqdm import tqdm
   os.makedirs(out_dir, exist_ok=True)
   lp = LpipsMetric(lpips_net, lpips_weights)
+  ds = perceptual.DistsMetric(lpips_weights, dists_alpha_beta) if dists else None
+  fk, fk_reason = (fidelity.PatchFidelity.create(inception_weights) if fid_kid
+                   else (None, "not requested (--no-fid)"))
   rows = []
   t0 = time.time()
   hists = {s["name"]: static_prior.fit_counts(cmodel, fit_images.values(), s["lmbda"], s["ratios"])
@@ -157,21 +169,31 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
     rows.append(dict(
         image=name, method="hvq", setting=s["name"], lmbda=s["lmbda"],
         ratios=",".join(f"{v:g}" for v in s["ratios"]), quality=None, bytes=len(data),
-        bpp=hyper / hw, **_quality(img, rec, lp), bits_hyperprior=hyper, bits_static=static_bits,
+        bpp=hyper / hw, **_quality(img, rec, lp, ds), bits_hyperprior=hyper, bits_static=static_bits,
         bits_huffman=huff_bits, bits_fixed=fixed_bits,
         est_bits_y=sum(v for k, v in st["bits"].items() if k.startswith("y_")),
         est_bits_z=st["bits"]["z"], est_bits_map=st["bits"]["map"],
         saving_vs_static=1.0 - hyper / static_bits, saving_vs_huffman=1.0 - hyper / huff_bits,
         saving_vs_fixed=1.0 - hyper / fixed_bits))
+    if fk is not None:
+      fk.add(("hvq", s["name"]), name, img, rec)
   base_todo = [(n, c, q) for n in images for c in baseline_codecs if baselines.available(c)
                for q in baselines.QUALITIES[c]]
   for name, c, q in tqdm(base_todo, desc="baselines", disable=not progress):
     img = images[name]
     data, rec = baselines.encode_decode(img, c, q)
     rows.append(dict(image=name, method=c, setting=f"q={q}", quality=q, bytes=len(data),
-                     bpp=8 * len(data) / (img.shape[0] * img.shape[1]), **_quality(img, rec, lp)))
+                     bpp=8 * len(data) / (img.shape[0] * img.shape[1]), **_quality(img, rec, lp, ds)))
+    if fk is not None:
+      fk.add((c, f"q={q}"), name, img, rec)
   write_csv(rows, os.path.join(out_dir, "results.csv"))
-  summary = summarize(rows)
+  setting_metrics = fk.results() if fk is not None else {}
+  write_csv(fidelity.summary_rows(setting_metrics), os.path.join(out_dir, "fid_kid.csv"),
+            FID_KID_FIELDS)
+  summary = summarize(rows, setting_metrics)
+  dataset = published_lib.normalise(dataset)
+  bd_pub, bd_pub_missing = published_lib.bd_rates(summary["curves"].get("hvq", []), dataset,
+                                                  lpips_net if lp.params is not None else None)
   summary.update(
       # which streams the hyperprior wins or loses on (granularities; residual-VQ stages)
       per_branch_bits_per_index={
@@ -190,11 +212,19 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
       checkpoint_fingerprint=cmodel.fingerprint.hex(),
       static_histogram_fit_on=list(fit_images),
       lpips=dict(net=lpips_net, available=lp.params is not None, missing_reason=lp.reason),
-      not_computed=dict(
-          dists="DISTS weights are not bundled and cannot be downloaded here",
-          fid_kid="FID/KID need Inception weights (not bundled); not computed"),
+      dists=dict(available=ds is not None and ds.available,
+                 missing_reason=None if ds is None else ds.reason,
+                 computed_on="full-size images (as MS-ILLM and DiffEIC)") if dists
+      else dict(available=False, missing_reason="not requested (--no-dists)"),
+      fid_kid=dict(available=fk is not None, missing_reason=fk_reason, scheme=fidelity.SCHEME,
+                   patches=max([r["patches"] for r in setting_metrics.values()], default=0),
+                   kid_subset_size=max([r.get("kid_subset_size") or 0
+                                        for r in setting_metrics.values()], default=0) or None),
       baselines_unavailable=[c for c in baseline_codecs if not baselines.available(c)],
-      published=baselines.published())
+      dataset=dataset,
+      bd_rate_vs_published_percent=bd_pub, bd_rate_vs_published_not_computed=bd_pub_missing,
+      published=published_lib.for_dataset(dataset),
+      published_note=published_lib.note(dataset))
   with open(os.path.join(out_dir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=_jsonable)
   return summary
@@ -206,13 +236,16 @@ def _jsonable(v):
   raise TypeError(type(v))
 
 
-def write_csv(rows: List[Dict], path: str) -> None:
+FID_KID_FIELDS = ("method", "setting", "fid", "kid", "kid_std", "kid_subset_size", "patches", "images")
+
+
+def write_csv(rows: List[Dict], path: str, fields: Sequence[str] = FIELDS) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, FIELDS)
+    w = csv.DictWriter(f, fields)
     w.writeheader()
     for r in rows:
-      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+      w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
   os.replace(tmp, path)
 
 
@@ -234,21 +267,32 @@ def _mean(vals):
   return float(np.mean(vals)) if vals else None
 
 
-def curves(rows: List[Dict]) -> Dict[str, List[Dict]]:
-  """{method: [per-setting means of bpp, psnr, ms_ssim, lpips]} sorted by bpp."""
+def read_fid_kid(path: str) -> Dict:
+  """fid_kid.csv -> {(method, setting): {fid, kid, ...}} ({} when absent)."""
+  if not os.path.isfile(path):
+    return {}
+  return {(r["method"], r["setting"]): r for r in read_csv(path)}
+
+
+def curves(rows: List[Dict], setting_metrics: Optional[Dict] = None) -> Dict[str, List[Dict]]:
+  """{method: [per-setting means of bpp, psnr, ms_ssim, lpips, dists, ...; fid/kid of the
+  setting's patches]} sorted by bpp."""
+  setting_metrics = setting_metrics or {}
   out = {}
   for m in dict.fromkeys(r["method"] for r in rows):
     pts = []
     for s in dict.fromkeys(r["setting"] for r in rows if r["method"] == m):
       rs = [r for r in rows if r["method"] == m and r["setting"] == s]
       pts.append(dict(setting=s, **{k: _mean([r.get(k) for r in rs])
-                                    for k in ("bpp", "psnr", "ms_ssim", "lpips", "color_shift",
-                                              "ciede2000")}))
+                                    for k in ("bpp", "psnr", "ms_ssim", "lpips", "dists",
+                                              "color_shift", "ciede2000")},
+                      **{k: setting_metrics.get((m, s), {}).get(k)
+                         for k in ("fid", "kid", "kid_std", "patches")}))
     out[m] = sorted(pts, key=lambda p: p["bpp"])
   return out
 
 
-def summarize(rows: List[Dict]) -> Dict:
+def summarize(rows: List[Dict], setting_metrics: Optional[Dict] = None) -> Dict:
   from hvq_jax.evaluation.bd_rate import bd_rate
   ours = [r for r in rows if r["method"] == "hvq"]
   per_image = {}
@@ -258,12 +302,12 @@ def summarize(rows: List[Dict]) -> Dict:
                 for n, rs in per_image.items()}
   huff_img = {n: 1.0 - sum(r["bits_hyperprior"] for r in rs) / sum(r["bits_huffman"] for r in rs)
               for n, rs in per_image.items()}
-  cv = curves(rows)
+  cv = curves(rows, setting_metrics)
   bd, bd_missing = {}, {}
   for m in cv:
     if m == "hvq":
       continue
-    for metric in ("psnr", "ms_ssim", "lpips"):
+    for metric in published_lib.BD_METRICS:
       a = [(p["bpp"], p[metric]) for p in cv[m] if p[metric] is not None]
       b = [(p["bpp"], p[metric]) for p in cv["hvq"] if p[metric] is not None] if "hvq" in cv else []
       try:
@@ -286,4 +330,5 @@ def summarize(rows: List[Dict]) -> Dict:
           container=CONTAINER_BITS, static_indices_and_map=_mean([r["bits_static"] for r in ours])),
       curves=cv, bd_rate_percent=bd, bd_rate_not_computed=bd_missing,
       bd_rate_note="percent rate change of hvq against each baseline at equal metric "
-                   "(negative: hvq needs fewer bits); pchip, over the shared metric range")
+                   "(negative: hvq needs fewer bits; for LPIPS/DISTS, lower is better and the "
+                   "sign means the same); pchip, over the shared metric range")

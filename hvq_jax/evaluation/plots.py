@@ -1,4 +1,5 @@
-"""`hvq plot`: RD curves (bpp vs PSNR / MS-SSIM / LPIPS) and a side-by-side image strip."""
+"""`hvq plot`: RD curves (bpp vs PSNR / MS-SSIM / LPIPS / DISTS / FID / KID, with the field's
+published curves of the same dataset) and a side-by-side image strip."""
 import glob
 import json
 import os
@@ -6,7 +7,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-METRICS = (("psnr", "PSNR (dB)", True), ("ms_ssim", "MS-SSIM", True), ("lpips", "LPIPS (lower is better)", False))
+METRICS = (("psnr", "PSNR (dB)", True), ("ms_ssim", "MS-SSIM", True),
+           ("lpips", "LPIPS (lower is better)", False), ("dists", "DISTS (lower is better)", False),
+           ("fid", "FID/256 (lower is better)", False), ("kid", "KID/256 (lower is better)", False))
+PUBLISHED_STYLE = dict(linestyle=(0, (4, 2)), marker="D", markerfacecolor="none", markersize=5,
+                       linewidth=1.2, alpha=0.85)
 
 
 def _plt():
@@ -16,18 +21,39 @@ def _plt():
   return plt
 
 
-def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool = True) -> List[str]:
-  """One figure per metric, one curve per method (and per results dir for our model)."""
+def _summary(d):
+  path = os.path.join(d, "summary.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool = True,
+             dataset: Optional[str] = None) -> List[str]:
+  """One figure per metric, one curve per method (and per results dir for our model).
+
+  Published curves are drawn only when they were measured on the evaluated images'
+  dataset (`dataset`, else the one `hvq eval --dataset` recorded), in their own dashed,
+  hollow-marker style, labelled with dataset and source; LPIPS curves of another
+  backbone are left out. An unknown dataset draws none and says so in the title.
+  """
   from hvq_jax.evaluation import evaluate
+  from hvq_jax.evaluation import published as published_lib
   plt = _plt()
   os.makedirs(out_dir, exist_ok=True)
-  series = []   # (label, points, style)
+  series = []   # (label, points, style kwargs)
   multi = len(result_dirs) > 1
+  first = _summary(result_dirs[0])
+  dataset = published_lib.normalise(dataset or first.get("dataset"))
+  lpips_net = (first.get("lpips") or {}).get("net")
+  patches = (first.get("fid_kid") or {}).get("patches")
   for d in result_dirs:
     path = os.path.join(d, "results.csv")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{d}: no results.csv (run `hvq eval` first)")
-    cv = evaluate.curves(evaluate.read_csv(path))
+    cv = evaluate.curves(evaluate.read_csv(path),
+                         evaluate.read_fid_kid(os.path.join(d, "fid_kid.csv")))
     for m, pts in cv.items():
       if m != "hvq" and multi and d != result_dirs[0]:
         continue  # baselines once, from the first dir
@@ -35,34 +61,68 @@ def rd_plots(result_dirs: Sequence[str], out_dir: str, include_published: bool =
       if run == "eval":   # a sweep's run/eval folder: name it by the run
         run = os.path.basename(os.path.dirname(os.path.normpath(d)))
       label = f"hvq ({run})" if m == "hvq" and multi else m
-      series.append((label, pts, "o-" if m == "hvq" else ".--"))
-  if include_published:
-    from hvq_jax.evaluation import baselines
-    for ref in baselines.published():
-      series.append((f"{ref['method']} [{ref['dataset']}, published]", ref["points"], "x:"))
-  written = []
+      style = dict(marker="o", linestyle="-") if m == "hvq" else dict(marker=".", linestyle="--")
+      series.append((label, pts, style))
+  refs = published_lib.for_dataset(dataset) if include_published else []
+  written, record = [], {}
   for key, ylabel, _ in METRICS:
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    drawn = 0
+    fig, ax = plt.subplots(figsize=(6.4, 4.5))
+    labels, ours = [], 0
     for label, pts, style in series:
       p = [(q["bpp"], q[key]) for q in pts if q.get(key) is not None]
-      if len(p) >= 1:
+      if p:
         x, y = zip(*sorted(p))
-        ax.plot(x, y, style, label=label, markersize=4)
-        drawn += 1
-    if not drawn:
+        ax.plot(x, y, label=label, markersize=4, **style)
+        labels.append(label)
+        ours += 1
+    caveats = []
+    for e in refs:
+      ok, why = published_lib.comparable(e, key, lpips_net)
+      if not ok:
+        if not why.startswith("no published"):
+          caveats.append(f"{e['method']}: not drawn ({why})")
+        continue
+      p = sorted((q["bpp"], q[key]) for q in e["points"] if q.get(key) is not None)
+      x, y = zip(*p)
+      lab = published_lib.label(e) + (" *" if why and key == "lpips" else "")
+      ax.plot(x, y, label=lab, **PUBLISHED_STYLE)
+      labels.append(lab)
+      if why and key == "lpips":
+        caveats.append(f"* {why}")
+    if not ours:
       plt.close(fig)
       continue
+    title = f"{ylabel.split(' (')[0]} on {dataset or 'an unnamed image set'}"
+    if key in ("fid", "kid") and patches:
+      title += f" ({int(patches)} patches of 256x256)"
+    if not include_published:
+      note = "published curves off"
+    elif dataset is None:
+      note = "published curves not drawn: dataset unknown (--dataset kodak|clic2020|...)"
+    elif not refs:
+      note = (f"no published curves for '{dataset}' "
+              f"(known: {', '.join(published_lib.known_datasets())})")
+    elif not any(published_lib.comparable(e, key, lpips_net)[0] for e in refs):
+      note = f"no published {key} for {dataset}"
+    else:
+      note = ""
+    ax.set_title(title + ("\n" + note if note else ""), fontsize=9)
+    if caveats:
+      ax.text(0.01, 0.01, "\n".join(dict.fromkeys(caveats)), transform=ax.transAxes, fontsize=6,
+              va="bottom", alpha=0.8)
     ax.set_xlabel("bits per pixel (file size)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5)
     fig.tight_layout()
     for ext in ("png", "svg"):
       f = os.path.join(out_dir, f"rd_{key}.{ext}")
       fig.savefig(f, dpi=130)
       written.append(f)
     plt.close(fig)
+    record[key] = dict(title=title, note=note, curves=labels, caveats=list(dict.fromkeys(caveats)))
+  with open(os.path.join(out_dir, "rd_plots.json"), "w") as f:   # what each figure shows
+    json.dump(dict(dataset=dataset, figures=record), f, indent=1)
   return written
 
 
