@@ -33,7 +33,7 @@ RATIOS = "0,0.2,0.8;0.1,0.4,0.5;0.3,0.4,0.3;0.5,0.3,0.2;0.7,0.2,0.1;0.9,0.1,0"
 
 def run_sweep(a) -> int:
   ev = (f"--images {a.corpus}/heldout --fit-images {a.corpus}/train --lmbdas {a.lmbda} "
-        f"--ratios '{RATIOS}' --baselines jpeg")
+        f"--ratios '{RATIOS}' --baselines jpeg --no-dists --no-fid --no-plots")
   cmd = [sys.executable, "-m", "hvq_jax.cli", "sweep", "--config",
          os.path.join(ROOT, "configs", "ablations.py"), "--workdir", a.workdir,
          "--variants", ",".join(RECIPES), "--grid", "seed=" + ",".join(map(str, a.seeds)),

@@ -20,8 +20,9 @@ def labels(params):
 
 
 def _warmup_cosine(tc, lr: float, steps: int) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      0.0, lr, max(tc.warmup_steps, 1), max(steps, tc.warmup_steps + 1), lr * tc.final_lr_frac)
+  warm = max(tc.warmup_steps, 1)
+  return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(steps, warm + 1),
+                                            lr * tc.final_lr_frac)
 
 
 def schedule(tc, phases) -> optax.Schedule:
@@ -33,9 +34,9 @@ def schedule(tc, phases) -> optax.Schedule:
     return _warmup_cosine(tc, tc.lr, 0)
   parts, bounds, done = [], [], 0
   for i, p in enumerate(phases):
-    warm = tc.warmup_steps if i == 0 else min(tc.warmup_steps, p.steps // 4)
+    warm = max(1, tc.warmup_steps if i == 0 else min(tc.warmup_steps, p.steps // 4))
     parts.append(optax.warmup_cosine_decay_schedule(
-        0.0, p.lr, max(warm, 1), max(p.steps, warm + 1), p.lr * tc.final_lr_frac))
+        0.0, p.lr, warm, max(p.steps, warm + 1), p.lr * tc.final_lr_frac))
     done += p.steps
     bounds.append(done)
   return optax.join_schedules(parts, bounds[:-1]) if len(parts) > 1 else parts[0]
