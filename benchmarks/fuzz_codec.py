@@ -48,7 +48,7 @@ import numpy as np
 HEADER = struct.Struct("<4sB8sIIf3I8sI")   # entropy/bitstream.py's container header
 FIELDS = dict(magic=(0, 4), version=(4, 1), fingerprint=(5, 8), height=(13, 4), width=(17, 4),
               lmbda=(21, 4), c0=(25, 4), c1=(29, 4), c2=(33, 4), digest=(37, 8), n_words=(45, 4))
-KINDS = ("hyperprior", "hyperprior_off", "residual_vq")
+KINDS = ("hyperprior", "hyperprior_off", "residual_vq", "spatial")
 # (height, width): one coarse patch; odd sizes; a few hundred fine positions
 SIZES = ((16, 16), (37, 53), (64, 77), (96, 128))
 # rate settings: (lambda, ratios) -> all coarse; the config's mix; all fine
@@ -65,7 +65,7 @@ def model_config(kind: str):
   """The micro model of tests/conftest.py with configs/ablations.py's change for `kind`."""
   from hvq_jax.configs import ablations
   variant = {"hyperprior": "base", "hyperprior_off": "hyperprior_off",
-             "residual_vq": "residual_vq",
+             "residual_vq": "residual_vq", "spatial": "spatial_quad",
              "residual_vq_hyperprior_off": "residual_vq_hyperprior_off"}[kind]
   cfg = ablations.get_config(variant)
   m = cfg.model
@@ -265,7 +265,7 @@ def mutate_header(rng, data: bytes, coarse_stride: int = 16) -> Tuple[str, bytes
       v = bytearray(rng.bytes(size))
     body = _set(body, what, bytes(v))
   elif what == "version":
-    body = _set(body, "version", bytes([int(rng.choice([0, 1, 3, 255, int(rng.integers(256))]))]))
+    body = _set(body, "version", bytes([int(rng.choice([0, 1, 2, 3, 4, 255, int(rng.integers(256))]))]))
   elif what in ("height", "width"):
     body = _set(body, what, _u32(_boundary_u32(rng, h if what == "height" else w)))
   elif what == "size_same_pad":   # same padded grid: counts still add up, symbols identical
@@ -383,7 +383,7 @@ def mutate(rng, data: bytes, other: bytes) -> Tuple[str, str, bytes]:
       if variant == "raw":
         out = rng.bytes(n)
       elif variant == "magic_version":
-        out = with_crc(b"HVQC\x02" + rng.bytes(n))
+        out = with_crc(b"HVQC" + bytes([int(rng.choice([2, 3]))]) + rng.bytes(n))
       else:   # this model's valid header on a random payload (digest random or the original's)
         head = bytearray(data[:HEADER.size])
         if variant == "valid_header":

@@ -9,12 +9,12 @@ from hvq_jax.configs import tiny_cpu
 
 
 def _hyperprior_off(c):
-  c.model.hyperprior.update(enabled=False, context="none")
+  c.model.hyperprior.update(enabled=False, context="none", spatial="none")
 
 
 def _residual(c):
   c.model.update(rvq_stages=2)
-  c.model.hyperprior.update(context="none")   # the context reads stage 0 only
+  c.model.hyperprior.update(context="none", spatial="none")   # the contexts read stage 0 only
 
 
 VARIANTS = {
@@ -33,6 +33,10 @@ VARIANTS = {
     # each granularity's prior reads only its z (the base reads the map and the coarser
     # decoded entries too)
     "no_prior_context": lambda c: c.model.hyperprior.update(context="none"),
+    # each granularity's indices in two passes (a checkerboard), the second pass's prior
+    # also reading the first pass's entries; or in four (a 2x2 interleave)
+    "spatial_checkerboard": lambda c: c.model.hyperprior.update(spatial="checkerboard"),
+    "spatial_quad": lambda c: c.model.hyperprior.update(spatial="quad"),
     # residual VQ: 2 codebooks per granularity, a hyperprior branch over each stage's indices
     "residual_vq": _residual,
     "residual_vq_hyperprior_off": lambda c: (_residual(c), _hyperprior_off(c)),

@@ -36,7 +36,12 @@ def model_config() -> ml_collections.ConfigDict:
                       index_mixture=True,  # mix with the static histogram (rate.py)
                       # 'coarser': each granularity's prior also reads the coarser
                       # granularities' decoded entries and the map (hyperprior.py)
-                      context="none"),
+                      context="none",
+                      # 'checkerboard' | 'quad': each granularity's indices are coded in
+                      # 2 / 4 interleaved passes, each pass's prior also reading the
+                      # entries of that granularity decoded in earlier passes
+                      # (hyperprior.py; 'none': one pass)
+                      spatial="none"),
       dtype="float32",                     # compute dtype (params stay float32)
       remat=False,                         # rematerialise encoder/decoder ResBlocks
   ))

@@ -93,22 +93,69 @@ def prior_context(g: str, masks: Dict[str, object], entries: Dict[str, object], 
   return xp.concatenate(parts, axis=-1)
 
 
+# hyperprior.spatial: how many passes each granularity's indices are coded in
+SPATIAL_PASSES = {"none": 1, "checkerboard": 2, "quad": 4}
+
+
+def num_passes(model_cfg) -> int:
+  """Passes per granularity of a model's index streams (1 without a spatial context)."""
+  return SPATIAL_PASSES[model_cfg.hyperprior.spatial]
+
+
+def pass_map(h: int, w: int, passes: int, xp=np):
+  """The pass of every position of an h x w index grid, int32 [h, w]: one pass; a
+  checkerboard ((y + x) even first: every second-pass position has its four direct
+  neighbours decoded); or a 2x2 interleave in the order (0, 0), (1, 1), (0, 1), (1, 0)
+  (the second pass sees its four diagonal neighbours, the third its four direct ones,
+  the last all eight)."""
+  y = xp.arange(h, dtype=xp.int32)[:, None] % 2
+  x = xp.arange(w, dtype=xp.int32)[None, :] % 2
+  if passes == 1:
+    return xp.zeros((h, w), xp.int32)
+  if passes == 2:
+    return (y + x) % 2
+  if passes == 4:   # (0,0) -> 0, (1,1) -> 1, (0,1) -> 2, (1,0) -> 3
+    return xp.where(y == x, y, 2 + y)
+  raise ValueError(f"no pass pattern with {passes} passes")
+
+
+def spatial_context(entries, mask, passes, p: int, one, xp=np):
+  """What pass p of a granularity's prior reads with hyperprior.spatial: the entries of
+  that granularity's positions sent in earlier passes and their mask (= `one`), zeros
+  elsewhere. entries [..., h, w, D] (the entry of each position's index; any value where
+  not sent), mask bool [..., h, w], passes int [h, w] (`pass_map`) -> [..., h, w, D + 1]
+  in entries' units. The float model (jnp, one=1.0), the codec (numpy int64 fixed point,
+  entropy/integer.py) and the PyTorch model call this one definition."""
+  known = mask & (passes < p)
+  return xp.concatenate([entries * known[..., None], known[..., None] * one], axis=-1)
+
+
 class Stream(NamedTuple):
   kind: str          # "map" | "z" | "y"
   branch: str        # branch key ("" for the map)
   granularity: str   # "" for the map
+  part: int = 0      # y: the spatial pass (layout.pass_map) whose positions it holds
 
 
 def stream_plan(model_cfg, counts: Sequence[int]) -> List[Stream]:
   """The payload's streams in order: the granularity map; z of every branch whose
-  granularity has sent positions (hyperprior models); then those branches' indices."""
+  granularity has sent positions (hyperprior models); then those branches' indices, each
+  branch pass by pass (hyperprior.spatial; one pass without)."""
   sent = {g: int(c) > 0 for g, c in zip(GRANULARITIES, counts)}
   plan = [Stream("map", "", "")]
   live = [(k, g) for k, g, _ in branches(model_cfg) if sent[g]]
   if model_cfg.hyperprior.enabled:
     plan += [Stream("z", k, g) for k, g in live]
-  plan += [Stream("y", k, g) for k, g in live]
+  n = num_passes(model_cfg) if model_cfg.hyperprior.enabled else 1
+  plan += [Stream("y", k, g, p) for k, g in live for p in range(n)]
   return plan
+
+
+def format_version(model_cfg) -> int:
+  """The .hvq format version a model writes and reads (entropy/bitstream.py): 3 when its
+  index streams come in spatial passes, else 2 (the files of models without a spatial
+  context are what format 2 always was)."""
+  return 3 if model_cfg.hyperprior.enabled and num_passes(model_cfg) > 1 else 2
 
 
 def ratios_error(ratios):

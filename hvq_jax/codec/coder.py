@@ -140,7 +140,8 @@ def code_image(model: CodecModel, img: np.ndarray, lmbda: float, ratios,
                          (h, w), counts, hw, model.index_weights, timer)
   with timer("range_coding"):
     payload = bitstream.encode_streams(rec.streams)
-  header = bitstream.Header(model.fingerprint, h, w, lmbda, counts, rec.digest())
+  header = bitstream.Header(model.fingerprint, h, w, lmbda, counts, rec.digest(),
+                            layout.format_version(model.cfg))
   return bitstream.pack(header, payload), rec
 
 

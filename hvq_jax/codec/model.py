@@ -27,12 +27,18 @@ class CheckpointError(FileNotFoundError):
 # Compute settings: they change how fast (and, by float rounding, which pixels) a model
 # computes, never its params, symbols or integer tables, so they are not fingerprinted.
 _COMPUTE_ONLY = ("dtype", "remat", "rate_chunk")
+# Fields added after files of format 2 were written, at the value every model then had:
+# left out of the fingerprint at that value, so those files still match their model.
+_SILENT_AT = {("hyperprior", "spatial"): "none"}
 
 
 def fingerprint(params, model_cfg, codec: Optional[dict] = None) -> bytes:
   """8 bytes of sha256 over the params (in tree order), the model config (less compute
   settings) and what of the codec settings the integer tables depend on."""
   cfg = {k: v for k, v in json.loads(model_cfg.to_json()).items() if k not in _COMPUTE_ONLY}
+  for (section, field), value in _SILENT_AT.items():
+    if cfg.get(section, {}).get(field, value) == value:
+      cfg[section] = {k: v for k, v in cfg[section].items() if k != field}
   h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
   if codec is not None:
     h.update(json.dumps(dict(integer=integer.VERSION, z_range=int(codec["z_range"]),

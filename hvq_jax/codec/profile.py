@@ -31,10 +31,12 @@ class StageTimer:
 def stream_stats(rec: streams.Recorder) -> dict:
   """The coded streams' exact code lengths in bits (`bits`: map, z, y_coarse, ...), the same
   per branch (`branch_bits`: {branch: {y, z, n}}), the sent indices {branch: int32 [n]}
-  (`indices`), the map's counts, and the integer prior at the sent positions (`priors`:
-  {branch: (mu [n, D], log-sigma index [n, D])})."""
+  (`indices`, a branch's passes one after the other), the map's counts, the integer prior
+  at the sent positions in the same order (`priors`: {branch: (mu [n, D], log-sigma index
+  [n, D])}), and each index stream's bits and size (`pass_bits`: {branch: [(bits, n)]
+  per spatial pass})."""
   bits = {k: 0.0 for k in ["map", "z"] + [f"y_{g}" for g in layout.GRANULARITIES]}
-  per_branch, indices = {}, {}
+  per_branch, indices, passes = {}, {}, {}
   for st, (sym, wts) in zip(rec.names, rec.streams):
     b = float(integer.code_lengths(wts, sym).sum()) if len(sym) else 0.0
     bits["map" if st.kind == "map" else "z" if st.kind == "z" else f"y_{st.granularity}"] += b
@@ -43,9 +45,10 @@ def stream_stats(rec: streams.Recorder) -> dict:
       d["z" if st.kind == "z" else "y"] += b
       d["n"] += len(sym) if st.kind == "y" else 0
     if st.kind == "y":
-      indices[st.branch] = sym
+      indices[st.branch] = np.concatenate([indices.get(st.branch, np.zeros(0, np.int32)), sym])
+      passes.setdefault(st.branch, []).append((b, len(sym)))
   return dict(bits=bits, branch_bits=per_branch, indices=indices, counts=rec.counts,
-              priors=rec.priors)
+              priors=rec.priors, pass_bits=passes)
 
 
 def compress(model: CodecModel, image, lmbda: Optional[float] = None,

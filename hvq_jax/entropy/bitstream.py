@@ -22,8 +22,15 @@ model fingerprint fixes which. Every frequency is an integer from the integer en
 mismatch (another model or entropy path, a forged payload) into an error, never a wrong
 image.
 
+A model with a spatial context (config `hyperprior.spatial`) codes each branch's indices
+in passes (`layout.pass_map`), each pass its own stream in the payload: format 3. Every
+other model writes format 2, whose payload is the same as ever, so files written before
+format 3 existed still decode with their models; a file whose version is not the one its
+model writes is refused by version (`layout.format_version`).
+
 Version history: 1 (hvq_jax 0.1) built PMFs from float network outputs and carried no
 symbol digest; such files do not decode exactly across devices and are refused by name.
+2: integer PMFs and the symbol digest. 3: index streams in spatial passes.
 """
 import struct
 import zlib
@@ -34,7 +41,8 @@ import numpy as np
 import constriction
 
 MAGIC = b"HVQC"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3                 # the newest this reader knows
+KNOWN_VERSIONS = (2, 3)            # 2: one index stream per branch; 3: spatial passes
 _HEADER = struct.Struct("<4sB8sIIf3I8sI")
 _CRC = struct.Struct("<I")
 MAX_PIXELS = 1 << 26  # 64 Mpixel: beyond this a header is rejected before any allocation
@@ -52,6 +60,7 @@ class Header:
   lmbda: float
   counts: Tuple[int, int, int]
   symbols: bytes = bytes(8)     # digest of the coded symbols
+  version: int = 2              # format version (`layout.format_version` of the model)
 
 
 CONTAINER_BYTES = _HEADER.size + _CRC.size   # what a file holds besides the payload
@@ -59,7 +68,9 @@ CONTAINER_BYTES = _HEADER.size + _CRC.size   # what a file holds besides the pay
 
 def pack(header: Header, payload: np.ndarray) -> bytes:
   payload = np.asarray(payload, dtype="<u4")
-  head = _HEADER.pack(MAGIC, FORMAT_VERSION, header.fingerprint, header.height, header.width,
+  if header.version not in KNOWN_VERSIONS:
+    raise BitstreamError(f"cannot write format version {header.version}")
+  head = _HEADER.pack(MAGIC, header.version, header.fingerprint, header.height, header.width,
                       header.lmbda, *header.counts, header.symbols, payload.size)
   body = head + payload.tobytes()
   return body + _CRC.pack(zlib.crc32(body))
@@ -76,9 +87,9 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
     raise BitstreamError("format version 1 (hvq_jax 0.1): its PMFs came from float networks, "
                          "so it cannot be decoded exactly on another device; this reader "
                          f"decodes version {FORMAT_VERSION}. Compress the original image again.")
-  if len(data) >= 5 and data[4] != FORMAT_VERSION:
+  if len(data) >= 5 and data[4] not in KNOWN_VERSIONS:
     raise BitstreamError(f"unsupported format version {data[4]} (this reader knows "
-                         f"version {FORMAT_VERSION})")
+                         f"versions {', '.join(map(str, KNOWN_VERSIONS))})")
   if len(data) < _HEADER.size + _CRC.size:
     raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
   magic, version, fp, h, w, lmbda, c0, c1, c2, digest, n_words = _HEADER.unpack_from(data)
@@ -95,7 +106,7 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
   if not np.isfinite(lmbda) or lmbda <= 0:
     raise BitstreamError(f"invalid lambda {lmbda} in header")
   payload = np.frombuffer(data, dtype="<u4", count=n_words, offset=_HEADER.size).astype(np.uint32)
-  return Header(fp, h, w, float(lmbda), (c0, c1, c2), digest), payload
+  return Header(fp, h, w, float(lmbda), (c0, c1, c2), digest, version), payload
 
 
 # ---- range coding -------------------------------------------------------------------------

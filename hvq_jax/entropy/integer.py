@@ -180,6 +180,9 @@ class BranchTables:
   context: Tuple[Layer, ...] = ()
   ctx_entries: Optional[np.ndarray] = None    # int64 [K, D]
   ctx_bits: int = 0
+  # hyperprior.spatial: the spatial context convs (spatial_context_in, _full), which read
+  # this branch's earlier passes (entries in the same units 2^-ctx_bits)
+  spatial: Tuple[Layer, ...] = ()
 
   def arrays(self) -> Dict[str, np.ndarray]:
     """Flat name -> array (for hashing and for storing with an export)."""
@@ -188,7 +191,8 @@ class BranchTables:
     out["scalars"] = np.asarray([self.mu_bits, self.ls_lo, self.ls_hi, self.total_hyper], np.int64)
     if self.z_weights is not None:
       out["z_weights"] = self.z_weights
-    for name, layers in (("layer", self.layers), ("context", self.context)):
+    for name, layers in (("layer", self.layers), ("context", self.context),
+                         ("spatial", self.spatial)):
       for i, l in enumerate(layers):
         for f in ("weight", "mult", "shift", "bias"):
           out[f"{name}{i}.{f}"] = getattr(l, f)
@@ -213,7 +217,8 @@ class BranchTables:
                np.asarray(a["bias"], np.int32), np.asarray(a["static"], np.int32), total_hyper,
                stack("context"),
                np.asarray(a["ctx_entries"], np.int64) if "ctx_entries" in a else None,
-               int(np.asarray(a["ctx_bits"]).reshape(-1)[0]) if "ctx_bits" in a else 0)
+               int(np.asarray(a["ctx_bits"]).reshape(-1)[0]) if "ctx_bits" in a else 0,
+               stack("spatial"))
 
 
 def z_weights(bottleneck: Dict[str, np.ndarray], z_range: int) -> np.ndarray:
@@ -331,13 +336,20 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   idx = index_tables(codebook, logits, mix, (h.sigma_min, h.sigma_max))
   r = int(codec_cfg["z_range"])
   wbits = int(codec_cfg["weight_bits"])
-  layers, context, ctx_entries, in_bits = [], (), None, 0
-  if h.context == "coarser":
-    # The context (entries and masks, in units 2^-ctx_bits) has its own part of the first
-    # layer, requantised apart from z_hat's part and added: each input keeps its own scale.
+  layers, context, spatial, ctx_entries, in_bits = [], (), (), None, 0
+  if h.context == "coarser" or h.spatial != "none":
+    # Entries and masks of the contexts in units 2^-ctx_bits (one scale per model).
     ctx_bits = context_bits([codebook]) if ctx_bits is None else int(ctx_bits)
     ctx_entries = np.rint(np.ldexp(np.asarray(codebook, np.float64), ctx_bits)).astype(np.int64)
     ctx_max = max(int(np.abs(ctx_entries).max()), 1 << ctx_bits)
+  if h.spatial != "none":
+    spatial = tuple(_quantize_layer(params[n]["kernel"], params[n]["bias"], b, ACT_BITS, wbits, False)
+                    for n, b in (("spatial_context_in", ctx_bits),
+                                 ("spatial_context_full", ACT_BITS)))
+    _check_bounds(spatial, ctx_max)
+  if h.context == "coarser":
+    # The context has its own part of the first layer, requantised apart from z_hat's
+    # part and added: each input keeps its own scale.
     k = np.asarray(params["synthesis_up0"]["kernel"])
     cz = int(h.latent_channels)
     context = (_quantize_layer(k[:, :, cz:], np.zeros(k.shape[-1]), ctx_bits, ACT_BITS, wbits, True),
@@ -357,7 +369,7 @@ def build_branch(params: Dict[str, Any], codebook: np.ndarray, hyper_on: bool, m
   _check_bounds(layers, r)
   return BranchTables(z_weights(params["bottleneck"], r), tuple(layers), **idx,
                       context=context, ctx_entries=ctx_entries,
-                      ctx_bits=ctx_bits if context else 0)
+                      ctx_bits=ctx_bits if ctx_entries is not None else 0, spatial=spatial)
 
 
 def context_bits(codebooks) -> int:
@@ -450,11 +462,23 @@ def _pool(ctx: np.ndarray, f: int, hz: int, wz: int) -> np.ndarray:
   return (s + (np.int64(1) << (sh - 1) if sh else 0)) >> sh
 
 
-def synthesis(t: BranchTables, z_hat: np.ndarray, grid_hw,
-              ctx: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-  """Integer z_hat [h_z, w_z, C] -> (mu int32 [h, w, D] in units 2^-mu_bits, log-sigma
-  index int32 [h, w, D] in units 2^-8, clipped to the model's sigma range), on y's grid.
-  A context model also needs `ctx` (`context_map`) on y's grid."""
+def spatial_map(g_entries: np.ndarray, indices: np.ndarray, mask: np.ndarray,
+                passes: np.ndarray, p: int, ctx_bits: int) -> np.ndarray:
+  """hyperprior.spatial: what pass p of a granularity's prior reads
+  (`layout.spatial_context`), int64 [h, w, D + 1] in units 2^-ctx_bits. g_entries int64
+  [K, D] (`BranchTables.ctx_entries`), indices int [h, w] (those of passes < p decoded;
+  anything elsewhere), mask bool [h, w] (sent at this granularity), passes [h, w]
+  (`layout.pass_map`)."""
+  from hvq_jax import layout
+  e = g_entries[np.asarray(indices, np.int64)]
+  return layout.spatial_context(e, np.asarray(mask, bool), passes, p, np.int64(1 << ctx_bits))
+
+
+def features(t: BranchTables, z_hat: np.ndarray, grid_hw,
+             ctx: Optional[np.ndarray] = None) -> np.ndarray:
+  """The float `HyperBranch.features`: integer z_hat [h_z, w_z, C] (and the coarser
+  context `ctx`, `context_map`) -> what the last layer reads, int64 activations in units
+  2^-ACT_BITS (before its clip), on y's grid with a context or a spatial context."""
   a = np.asarray(z_hat, np.int64)
   if t.context:
     if ctx is None:
@@ -466,17 +490,37 @@ def synthesis(t: BranchTables, z_hat: np.ndarray, grid_hw,
   else:
     for l in t.layers[:-1]:
       a = _gelu(_layer(a, l))
-  if t.context:   # the float HyperBranch.synthesis: crop, add the context convs, then out
+  if t.context or t.spatial:   # the float HyperBranch: crop, add the context convs
     a = a[:grid_hw[0], :grid_hw[1]]
-    b = _layer(_gelu(_layer(ctx, t.context[1])), t.context[2])
-    out = _layer(np.clip(a + b, -ACT_MAX, ACT_MAX), t.layers[-1])
-  else:
-    out = _layer(a, t.layers[-1])[:grid_hw[0], :grid_hw[1]]
+  if t.context:
+    a = a + _layer(_gelu(_layer(ctx, t.context[1])), t.context[2])
+  return a
+
+
+def head(t: BranchTables, a: np.ndarray, grid_hw,
+         spatial: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """`features` (+ the spatial convs of one pass's `spatial_map`) -> (mu int32 [h, w, D]
+  in units 2^-mu_bits, log-sigma index int32 [h, w, D] in units 2^-8, clipped to the
+  model's sigma range) on y's grid. Each term is below 2^61 (the layers' requantisation
+  bound), so their int64 sum is exact; it is clipped to the activation range once."""
+  if spatial is not None:
+    if not t.spatial:
+      raise IntegerModelError("this branch's prior has no spatial context")
+    a = a + _layer(_gelu(_layer(spatial, t.spatial[0])), t.spatial[1])
+  out = _layer(np.clip(a, -ACT_MAX, ACT_MAX), t.layers[-1])[:grid_hw[0], :grid_hw[1]]
   d = out.shape[-1] // 2
   lim = 1 << 14                                      # |e - mu| < 2^15
   mu = np.clip(out[..., :d], -lim, lim)
   ls = np.clip(out[..., d:], t.ls_lo, t.ls_hi)
   return mu.astype(np.int32), ls.astype(np.int32)
+
+
+def synthesis(t: BranchTables, z_hat: np.ndarray, grid_hw, ctx: Optional[np.ndarray] = None,
+              spatial: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """Integer z_hat [h_z, w_z, C] -> (mu, log-sigma index) on y's grid (`head`). A context
+  model also needs `ctx` (`context_map`); a pass p > 0 of a spatial model its
+  `spatial_map` (pass 0: None)."""
+  return head(t, features(t, z_hat, grid_hw, ctx), grid_hw, spatial)
 
 
 # ---- index frequencies -------------------------------------------------------------------------

@@ -49,6 +49,10 @@ class Recorder:
     return self._digest.digest()[:8]
 
   def observe(self, stream: layout.Stream, mu: np.ndarray, ls: np.ndarray) -> None:
+    """Keep a stream's priors, a branch's passes one after the other (as coded)."""
+    if stream.branch in self.priors:
+      mu0, ls0 = self.priors[stream.branch]
+      mu, ls = np.concatenate([mu0, mu]), np.concatenate([ls0, ls])
     self.priors[stream.branch] = (mu, ls)
 
 
@@ -109,7 +113,8 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
     else:
       zmasks = {g: np.ones((1,) + layout.z_grid(*grids[g], model_cfg.hyperprior.num_down), bool)
                 for g in grids}
-  z_hat, indices = {}, {}
+  z_hat, indices, feats = {}, {}, {}
+  n_passes = layout.num_passes(model_cfg) if hyper_on else 1
   for st in plan[1:]:
     t = tables[st.branch]
     if st.kind == "z":
@@ -122,25 +127,34 @@ def walk(io, tables: Dict[str, integer.BranchTables], model_cfg, z_range: int, c
       z[zm] = sym.reshape(-1, c).astype(np.int64) - z_range
       z_hat[st.branch] = z
     else:
+      grid = grids[st.granularity]
       mask = masks[st.granularity][0]
+      passes = layout.pass_map(*grid, n_passes)
+      where = mask & (passes == st.part)
+      idx = indices[st.branch][0] if st.part else np.zeros(grid, np.int32)
       if hyper_on:
         with timer("model"):
-          ctx = None
-          if t.context:   # hyperprior.context: the coarser granularities are decoded
-            ctx = integer.context_map(
-                st.granularity, {g: m[0] for g, m in masks.items()},
-                {g: indices[g][0] for g in layout.GRANULARITIES if g in indices},
-                {g: tables[g].ctx_entries for g in layout.GRANULARITIES}, strides, t.ctx_bits)
-          mu, ls = integer.synthesis(t, z_hat[st.branch], grids[st.granularity], ctx)
+          if st.part == 0:   # what every pass's last layer reads, once per branch
+            ctx = None
+            if t.context:   # hyperprior.context: the coarser granularities are decoded
+              ctx = integer.context_map(
+                  st.granularity, {g: m[0] for g, m in masks.items()},
+                  {g: indices[g][0] for g in layout.GRANULARITIES if g in indices},
+                  {g: tables[g].ctx_entries for g in layout.GRANULARITIES}, strides, t.ctx_bits)
+            feats[st.branch] = integer.features(t, z_hat[st.branch], grid, ctx)
+          sp = None
+          if st.part:   # hyperprior.spatial: this granularity's earlier passes are decoded
+            sp = integer.spatial_map(t.ctx_entries, idx, mask, passes, st.part, t.ctx_bits)
+          mu, ls = integer.head(t, feats[st.branch], grid, sp)
         with timer("pmf"):
-          w = index_weights(st.branch, mu[mask], ls[mask])
-        io.observe(st, mu[mask], ls[mask])
+          w = index_weights(st.branch, mu[where], ls[where])
+        io.observe(st, mu[where], ls[where])
       else:
-        w = np.broadcast_to(t.static, (int(mask.sum()), t.static.size))
+        w = np.broadcast_to(t.static, (int(where.sum()), t.static.size))
       with timer("range_coding"):
-        sym = io.code(st, np.asarray(w, np.float32), mask)
-      idx = np.zeros(grids[st.granularity], np.int32)
-      idx[mask] = sym
+        sym = io.code(st, np.asarray(w, np.float32), where)
+      idx = idx.copy()
+      idx[where] = sym
       indices[st.branch] = idx[None]
   for k, g, _ in layout.branches(model_cfg):
     indices.setdefault(k, np.zeros((1,) + grids[g], np.int32))
@@ -153,6 +167,11 @@ def read_header(data: bytes, fingerprint: bytes, model_cfg, max_pixels: int):
   if header.fingerprint != fingerprint:
     raise BitstreamError("bitstream was written by a different model (fingerprint "
                          f"{header.fingerprint.hex()}, this model {fingerprint.hex()})")
+  want = layout.format_version(model_cfg)
+  if header.version != want:
+    raise BitstreamError(f"format version {header.version} for a model that writes version "
+                         f"{want} (version 3: indices in spatial passes, "
+                         f"hyperprior.spatial={model_cfg.hyperprior.spatial!r} here)")
   h, w = header.height, header.width
   if h * w > int(max_pixels):
     raise BitstreamError(f"image size {h}x{w} in header is over this model's limit")

@@ -346,6 +346,10 @@ class HyperBranch(nn.Module):
       self.context_in = Conv(ctx, h.channels, 3)
       self.context_full = Conv(h.channels, h.channels, 3)
     self.with_context = bool(ctx)
+    self.with_spatial = layout.num_passes(c) > 1
+    if self.with_spatial:
+      self.spatial_context_in = Conv(c.embed_dim + 1, h.channels, 3)
+      self.spatial_context_full = Conv(h.channels, h.channels, 3)
     self.bottleneck = EntropyBottleneck(h.latent_channels)
     self.log_sigma_range = (math.log(h.sigma_min), math.log(h.sigma_max))
     if h.index_bias:
@@ -363,9 +367,10 @@ class HyperBranch(nn.Module):
         h = F.gelu(h, approximate="tanh")
     return h
 
-  def synthesis(self, z_hat, grid_hw, ctx=None):
-    """z_hat [B, C, h_z, w_z] (and ctx [B, C_ctx, h, w] with hyperprior.context) ->
-    (mu, sigma) [B, D, h, w] (the JAX HyperBranch.synthesis)."""
+  def synthesis(self, z_hat, grid_hw, ctx=None, spatial=None):
+    """z_hat [B, C, h_z, w_z] (and ctx [B, C_ctx, h, w] with hyperprior.context; with
+    hyperprior.spatial (the pass of each position [h, w], the earlier passes' entries
+    [P - 1, B, D + 1, h, w])) -> (mu, sigma) [B, D, h, w] (the JAX HyperBranch.synthesis)."""
     h = z_hat
     if self.with_context:
       f = 2 ** self.num_down
@@ -374,12 +379,23 @@ class HyperBranch(nn.Module):
       h = torch.cat([h, F.avg_pool2d(c, f)], 1)
     for i in range(self.num_down):
       h = F.gelu(getattr(self, f"synthesis_up{i}")(h), approximate="tanh")
-    if self.with_context:   # the context lives on y's grid: crop first
+    if self.with_context or self.with_spatial:   # the contexts live on y's grid: crop first
       h = h[:, :, :grid_hw[0], :grid_hw[1]]
+    if self.with_context:
       h = h + self.context_full(F.gelu(self.context_in(ctx), approximate="tanh"))
-      out = self.synthesis_out(h)
-    else:
-      out = self.synthesis_out(h)[:, :, :grid_hw[0], :grid_hw[1]]
+    mu, sigma = self._head(h, grid_hw)
+    if spatial is not None:
+      passes, maps = spatial
+      for p in range(1, maps.shape[0] + 1):
+        sp = self.spatial_context_full(F.gelu(self.spatial_context_in(maps[p - 1]),
+                                              approximate="tanh"))
+        mu_p, sigma_p = self._head(h + sp, grid_hw)
+        here = torch.from_numpy(np.asarray(passes == p))[None, None]
+        mu, sigma = torch.where(here, mu_p, mu), torch.where(here, sigma_p, sigma)
+    return mu, sigma
+
+  def _head(self, h, grid_hw):
+    out = self.synthesis_out(h)[:, :, :grid_hw[0], :grid_hw[1]]
     mu, log_sigma = out.chunk(2, dim=1)
     return mu, torch.exp(log_sigma.clamp(*self.log_sigma_range))
 
@@ -507,7 +523,8 @@ class HVQ(nn.Module):
           zb = -torch.log2(hb.bottleneck.likelihood(z_hat)) * zm[:, None].float()
           z_bits = z_bits + zb.flatten(1).sum(1) * any_sent
           ctx = self.prior_context(g, q, masks) if hb.with_context else None
-          mu, sigma = hb.synthesis(z_hat, idx.shape[1:], ctx)
+          sp = self.spatial_context(e[idx], m) if hb.with_spatial else None
+          mu, sigma = hb.synthesis(z_hat, idx.shape[1:], ctx, sp)
           lp = index_log_probs(mu.permute(0, 2, 3, 1), sigma.permute(0, 2, 3, 1), e,
                                hb.log_prior(), hb.mix_logit)
         else:
@@ -537,6 +554,17 @@ class HVQ(nn.Module):
                                {o: q[o].numpy() for o in coarser}, tuple(self.cfg.strides),
                                self.cfg.embed_dim, np.float32(1.0))
     return torch.from_numpy(np.ascontiguousarray(ctx)).permute(0, 3, 1, 2)
+
+  def spatial_context(self, entries, mask):
+    """The JAX HVQ.spatial_context (`layout.spatial_context`, in numpy): entries
+    [B, h, w, D] of this granularity's indices, mask bool [B, h, w] -> (pass of each
+    position [h, w], [P - 1, B, D + 1, h, w])."""
+    n = layout.num_passes(self.cfg)
+    passes = layout.pass_map(mask.shape[1], mask.shape[2], n)
+    e, m = entries.numpy(), np.asarray(mask)
+    maps = np.stack([layout.spatial_context(e, m, passes, p, np.float32(1.0))
+                     for p in range(1, n)])
+    return passes, torch.from_numpy(np.ascontiguousarray(maps)).permute(0, 1, 4, 2, 3)
 
   def synthesize(self, q, gmap, out_hw):
     """Quantised embeddings {g: [B, h_g, w_g, D]} (zero where not sent) + map [B, hc, wc]

@@ -13,7 +13,15 @@ Our choice (config `hyperprior.context`, 'coarser'): H_s also reads what the dec
 already has on y's grid when this granularity's indices come (the map, the coarser
 granularities' entries: `HVQ.prior_context`), mean-pooled onto z's grid next to z_hat and,
 through two 3x3 convs, added before the last layer. Measured on the tiny model's plug-in
-prior: README "Making the hyperprior pay".
+prior: results/FINDINGS.md "Making the hyperprior pay".
+
+Our choice (config `hyperprior.spatial`, 'checkerboard' | 'quad'): a granularity's indices
+are coded in interleaved passes (`layout.pass_map`). Pass 0 is priced as above; pass p > 0
+also reads the entries of this granularity decoded in passes < p and their mask
+(`layout.spatial_context`), through two 3x3 convs (one set for every pass: the mask says
+which neighbours are known) added before the last layer. Neighbouring codes of a photo
+are far from independent, and z (one vector per 8x8 block here) cannot say which of them
+sits where; the decoder has the earlier passes' entries before a pass's indices come.
 """
 import math
 from typing import Any
@@ -37,6 +45,7 @@ class HyperBranch(nn.Module):
   bias_scale: float = 1.0     # logits = bias_scale * param: Adam's step per logit x this
   mixture: bool = False       # mix the PMF with the static histogram (rate.py)
   context_channels: int = 0   # > 0: H_s also reads a context map on y's grid (trial)
+  spatial: bool = False       # H_s's last layer also reads earlier passes' entries
 
   def setup(self):
     c = self.channels
@@ -50,6 +59,10 @@ class HyperBranch(nn.Module):
     if self.context_channels:
       self.c_in = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="context_in")
       self.c_full = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="context_full")
+    if self.spatial:
+      self.sp_in = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="spatial_context_in")
+      self.sp_full = nn.Conv(self.channels, (3, 3), dtype=self.dtype,
+                             name="spatial_context_full")
     self.bottleneck = EntropyBottleneck(self.latent_channels, name="bottleneck")
     if self.codebook_size:
       # Adam moves a parameter by ~lr per step; log-frequencies of codes span ~10 nats,
@@ -75,10 +88,11 @@ class HyperBranch(nn.Module):
         h = nn.gelu(h)
     return h.astype(jnp.float32)
 
-  def synthesis(self, z_hat: jax.Array, grid_hw, ctx=None) -> tuple:
-    """z_hat -> (mu, sigma), each [B, h, w, D] float32 on y's grid `grid_hw`.
-    `ctx` [B, h, w, C_ctx]: what the decoder already knows on y's grid (trial: the coarser
-    granularities' decoded entries and the map), pooled to z's grid and added at both ends."""
+  def features(self, z_hat: jax.Array, grid_hw, ctx=None) -> jax.Array:
+    """z_hat (and the coarser context `ctx` [B, h, w, C_ctx] on y's grid, pooled to z's
+    grid and added at both ends) -> what the last layer reads [B, ., ., channels]: on y's
+    grid `grid_hw` with a context or a spatial context, else on z's grid upsampled (the
+    last layer sees past y's border there, and its output is cropped)."""
     h = z_hat.astype(self.dtype)
     if ctx is not None:
       f = 2 ** self.num_down
@@ -88,24 +102,49 @@ class HyperBranch(nn.Module):
       h = jnp.concatenate([h, c.astype(self.dtype)], axis=-1)
     for layer in self.s_up:
       h = nn.gelu(layer(h))
-    if ctx is None:
-      out = self.s_out(h).astype(jnp.float32)[:, :grid_hw[0], :grid_hw[1]]
-    else:   # the context lives on y's grid: crop first
-      h = h[:, :grid_hw[0], :grid_hw[1]] + self.c_full(nn.gelu(self.c_in(ctx.astype(self.dtype))))
-      out = self.s_out(h).astype(jnp.float32)
+    if ctx is not None or self.spatial:   # the contexts live on y's grid: crop first
+      h = h[:, :grid_hw[0], :grid_hw[1]]
+    if ctx is not None:
+      h = h + self.c_full(nn.gelu(self.c_in(ctx.astype(self.dtype))))
+    return h
+
+  def head(self, h: jax.Array, grid_hw, spatial=None) -> tuple:
+    """`features` (+ the spatial context's convs of `spatial` [B, h, w, D + 1], one
+    pass's `layout.spatial_context`) -> (mu, sigma) [B, h, w, D] f32 on y's grid."""
+    if spatial is not None:
+      h = h + self.sp_full(nn.gelu(self.sp_in(spatial.astype(self.dtype))))
+    out = self.s_out(h).astype(jnp.float32)[:, :grid_hw[0], :grid_hw[1]]
     mu, log_sigma = jnp.split(out, 2, axis=-1)
     log_sigma = jnp.clip(log_sigma, math.log(self.sigma_min), math.log(self.sigma_max))
     return mu, jnp.exp(log_sigma)
 
-  def __call__(self, y: jax.Array, training: bool, z_mask=None, ctx=None) -> dict:
+  def synthesis(self, z_hat: jax.Array, grid_hw, ctx=None, spatial=None) -> tuple:
+    """z_hat -> (mu, sigma), each [B, h, w, D] float32 on y's grid `grid_hw`.
+    `ctx` [B, h, w, C_ctx]: what the decoder already knows on y's grid (the coarser
+    granularities' decoded entries and the map). `spatial` (hyperprior.spatial):
+    (pass of each position int [h, w], the earlier passes' entries [P - 1, B, h, w, D + 1]
+    for passes 1..P-1): every position gets the prior of its own pass, which is what the
+    coder codes it with (pass 0 reads no spatial context)."""
+    h = self.features(z_hat, grid_hw, ctx)
+    if spatial is None:
+      return self.head(h, grid_hw)
+    passes, maps = spatial
+    mu, sigma = self.head(h, grid_hw)
+    for p in range(1, maps.shape[0] + 1):
+      mu_p, sigma_p = self.head(h, grid_hw, maps[p - 1])
+      here = (passes == p)[None, :, :, None]
+      mu, sigma = jnp.where(here, mu_p, mu), jnp.where(here, sigma_p, sigma)
+    return mu, sigma
+
+  def __call__(self, y: jax.Array, training: bool, z_mask=None, ctx=None, spatial=None) -> dict:
     """`z_mask` [B, h_z, w_z] bool: z positions that are sent; the others are 0 on both
-    sides of the codec and cost nothing."""
+    sides of the codec and cost nothing. `ctx`, `spatial`: as `synthesis`."""
     z = self.analysis(y)
     z_hat, z_bits = self.bottleneck(z, training)
     if z_mask is not None:
       m = z_mask[..., None].astype(z_hat.dtype)
       z_hat, z_bits = z_hat * m, z_bits * m
-    mu, sigma = self.synthesis(z_hat, y.shape[1:3], ctx)
+    mu, sigma = self.synthesis(z_hat, y.shape[1:3], ctx, spatial)
     return dict(z=z, z_hat=z_hat, z_bits=z_bits, mu=mu, sigma=sigma)
 
 

@@ -60,6 +60,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(ctx in ("none", "coarser"), f"hyperprior.context must be 'none' or 'coarser', got {ctx!r}")
   need(ctx == "none" or (cfg.rvq_stages == 1 and cfg.hyperprior.enabled),
        "hyperprior.context='coarser' needs rvq_stages=1 and hyperprior.enabled=True")
+  sp = cfg.hyperprior.spatial
+  need(sp in layout.SPATIAL_PASSES,
+       f"hyperprior.spatial must be one of {sorted(layout.SPATIAL_PASSES)}, got {sp!r}")
+  need(sp == "none" or (cfg.rvq_stages == 1 and cfg.hyperprior.enabled),
+       f"hyperprior.spatial={sp!r} needs rvq_stages=1 and hyperprior.enabled=True")
   for flag in ("mask_z", "index_bias", "index_mixture", "enabled"):
     need(isinstance(cfg.hyperprior[flag], bool), f"hyperprior.{flag} must be True or False")
   need(0 < cfg.hyperprior.sigma_min < cfg.hyperprior.sigma_max,
@@ -119,7 +124,8 @@ class HVQ(nn.Module):
                                  h.sigma_min, h.sigma_max, dtype, bias_k,
                                  float(h.index_bias_scale),
                                  bool(h.index_mixture),
-                                 self.context_channels(), name=f"hyper_{k}")
+                                 self.context_channels(),
+                                 layout.num_passes(c) > 1, name=f"hyper_{k}")
                   for k, _, _ in branches(c)}
 
   def context_channels(self) -> int:
@@ -138,6 +144,20 @@ class HVQ(nn.Module):
     return layout.prior_context(g, masks, {o: jax.lax.stop_gradient(q[o]) for o in coarser},
                                 tuple(self.cfg.strides), self.cfg.embed_dim,
                                 jnp.float32(1.0), jnp)
+
+  def spatial_context(self, g: str, entries: jax.Array, mask: jax.Array):
+    """Granularity g's spatial context (hyperprior.spatial), or None without one: (the
+    pass of each position int32 [h, w], for each pass p >= 1 the entries sent in earlier
+    passes and their mask [P - 1, B, h, w, D + 1] f32, `layout.spatial_context`).
+    entries [B, h, w, D] (each position's quantised entry), mask bool [B, h, w] (sent at
+    g). entropy/integer.py `spatial_map` is the integer twin."""
+    n = layout.num_passes(self.cfg)
+    if n == 1:
+      return None
+    passes = layout.pass_map(mask.shape[1], mask.shape[2], n, jnp)
+    e = jax.lax.stop_gradient(entries).astype(jnp.float32)
+    return passes, jnp.stack([layout.spatial_context(e, mask, passes, p, jnp.float32(1.0), jnp)
+                              for p in range(1, n)])
 
   def quantize(self, g: str, y: jax.Array) -> List[Tuple[str, jax.Array, Dict[str, Any]]]:
     """y [B, h, w, D] of granularity g -> [(branch key, the vector that stage quantised,
@@ -162,10 +182,10 @@ class HVQ(nn.Module):
     return dict(y=y, gmap=gmap)
 
   # Methods taking `g` take a branch key (model.branches); stage 0's key is the granularity.
-  def prior(self, g: str, z_hat: jax.Array, grid_hw, ctx=None) -> tuple:
+  def prior(self, g: str, z_hat: jax.Array, grid_hw, ctx=None, spatial=None) -> tuple:
     """(mu, sigma) of branch g from its z_hat (and, with hyperprior.context, its
-    `prior_context`)."""
-    return self.hyper[g].synthesis(z_hat, grid_hw, ctx)
+    `prior_context`; with hyperprior.spatial, its `spatial_context`)."""
+    return self.hyper[g].synthesis(z_hat, grid_hw, ctx, spatial)
 
   def codebook_entries(self, g: str) -> jax.Array:
     return self.codebooks[g].entries()
@@ -250,7 +270,9 @@ class HVQ(nn.Module):
         idx = vq["indices"]
         if hyper_on:
           ctx = self.prior_context(g, q, masks) if self.context_channels() else None
-          hp = self.hyper[k](v, training, zm.get(g), ctx)
+          # each index is priced by the prior of the pass it is coded in
+          hp = self.hyper[k](v, training, zm.get(g), ctx,
+                             self.spatial_context(g, vq["q_exact"], masks[g]))
           per_pos = rate.index_bits(hp["mu"], hp["sigma"], self.codebooks[k].entries(), idx,
                                     y=vq["y"],
                                     chunk_size=c.rate_chunk or None,
