@@ -36,4 +36,13 @@ def get_config():
   t.batch_size, t.ckpt_every = 16, 2000
   config.loss.w_lpips = 0.0
   config.loss.w_gan = 0.0
+  # the integer index weights of a chunk of positions take chunk x K x D int32: 0.5 GB
+  config.codec.index_chunk = index_chunk(config.model)
   return config
+
+
+def index_chunk(model_cfg) -> int:
+  """Positions coded at once so that chunk x K x D int32 stays near 0.5 GB (D=256: the
+  default 2048 would need 2 GB at K=1024 and 34 GB at K=16384)."""
+  per_position = model_cfg.codebook_size * model_cfg.embed_dim * 4
+  return max(8, min(2048, 2 ** int(0.5e9 // per_position).bit_length() // 2))

@@ -6,4 +6,5 @@ from hvq_jax.configs import taming_f16_1024
 def get_config():
   config = taming_f16_1024.get_config()
   config.model.codebook_size = 16384
+  config.codec.index_chunk = taming_f16_1024.index_chunk(config.model)
   return config

@@ -94,7 +94,7 @@ def ours_on(mdl, params, img, indices_from_taming):
   return np.asarray(lat["indices"]["coarse"][0]), np.asarray(lat["gmap"][0]), np.asarray(rec[0])
 
 
-PHOTOS = [("coffee", (slice(0, 64), slice(0, 96))), ("astronaut", (slice(96, 160), slice(160, 240)))]
+PHOTOS = [("coffee", (slice(0, 128), slice(0, 192))), ("astronaut", (slice(64, 192), slice(128, 256)))]
 
 
 def _modules(keys):
@@ -450,7 +450,7 @@ def test_plug_in_prior_on_an_imported_taming_tokenizer(tmp_path, monkeypatch):
   r = hvq_cli("decompress", str(tmp_path / "c.hvq"), "-o", str(tmp_path / "c.png"), "--checkpoint", plug)
   assert r.returncode == 0, r.stderr
   out = np.asarray(Image.open(tmp_path / "c.png"))
-  _, ref = taming_reference(m, img)
+  ref_idx, ref = taming_reference(m, img)
   ref = np.clip(np.round((ref + 1.0) * 127.5), 0, 255)
   assert out.shape == img.shape and np.abs(out.astype(int) - ref.astype(int)).max() <= 1
   st = str(tmp_path / "m.safetensors")
@@ -461,6 +461,9 @@ def test_plug_in_prior_on_an_imported_taming_tokenizer(tmp_path, monkeypatch):
   net.coding = export.load_coding(st)
   back = torch_model.decompress(net, (tmp_path / "c.hvq").read_bytes())
   assert np.abs(back.astype(int) - out.astype(int)).max() <= 1
+  with torch.no_grad():   # the PyTorch model of the export: taming's indices too
+    got = net(torch.from_numpy(img.astype(np.float32)[None] / 127.5 - 1.0).permute(0, 3, 1, 2))
+  np.testing.assert_array_equal(got["indices"]["coarse"][0].numpy(), ref_idx)
 
 
 def test_import_cli_names_the_right_source(tmp_path):
