@@ -28,8 +28,9 @@ counterpart:
       up{l}_res{i}, up{l}_attn{i}, up{l}_upsample / norm_out / conv_out; each of our
       spatial norms GroupNorm(h) * conv_y(c) + conv_b(c) becomes taming's GroupNorm with
       conv_y = (weight 0, bias 1) and conv_b = 0.
-Measured (tests/test_taming_import.py, taming's own modules from PyPI, random weights,
-bundled photos): 100% of taming's indices, decoder output within 1e-4.
+Measured against taming's own modules (PyPI taming-transformers, random weights in the
+released f16 shapes, whole photos): 100% of taming's indices, decoder output within
+2.7e-5 (docs/interop.md; tests/test_taming_import.py).
 
 Control-GIC -> ours (keys: tests/data/control_gic_state_dict_keys.txt). Exact: the
 encoder trunk; the three heads (mid_coarse / mid / mid_fine with norm_out_coarse /
@@ -44,7 +45,7 @@ initialised from the coarse one (conv_in_coarse . post_quant_conv, mid_coarse), 
 approximation; the medium and fine stems have no counterpart. Its granularity map
 (medium/fine decided per 8x8 patch, a 0.01-wide histogram kernel) is not ours (per
 16x16 patch) either. So the decoder needs fine-tuning before its pixels mean anything;
-the indices, hence a plug-in prior's bits, do not.
+the index at each position, which a plug-in prior prices, does not.
 """
 import re
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -56,15 +57,6 @@ from hvq_jax.interop import export
 
 Tensors = Dict[str, np.ndarray]
 ONEHOT = 3   # our decoder's condition: the code map's D channels + a granularity one-hot
-
-
-def read_torch_file(path: str) -> Tensors:
-  """A .safetensors file or a torch checkpoint's state dict -> {key: float32 numpy}."""
-  from hvq_jax.interop import torch_checkpoint
-  try:
-    return torch_checkpoint.state_dict(path)[0]
-  except torch_checkpoint.CheckpointError as e:
-    raise export.ExportError(str(e)) from None
 
 
 # ---- which model a state dict is ---------------------------------------------------------
