@@ -17,7 +17,7 @@ commands:
               [--no-dists] [--no-fid] [--no-plots]
   plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC] [--dataset NAME]
   export      --checkpoint DIR --format torch|stablehlo --out OUT [--size HxW]
-  import      --from torch --checkpoint FILE --out DIR [--config configs/X.py] [--taming]
+  import      --from torch|taming|control-gic --checkpoint FILE --out DIR [--config configs/X.py]
   sweep       --config configs/X.py --workdir DIR [--variants a,b] [--grid 'f=v1,v2 ...'] [--print-only]
 """
 
@@ -341,18 +341,32 @@ def _export(argv):
   return 0
 
 
+def _load_config_file(path: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  if spec is None:
+    raise OSError(f"{path}: not a python config file")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
 def _import(argv):
   import argparse
   ap = argparse.ArgumentParser(prog="hvq import")
-  ap.add_argument("--from", dest="source", choices=("torch",), default="torch")
+  ap.add_argument("--from", dest="source", choices=("torch", "taming", "control-gic"),
+                  default="torch",
+                  help="torch: an `hvq export --format torch` file; taming: a taming-transformers "
+                       "VQGAN; control-gic: Control-GIC's checkpoint (.ckpt/.pt/.safetensors)")
   ap.add_argument("--checkpoint", required=True, help=".safetensors or torch .ckpt/.pt")
   ap.add_argument("--out", required=True, help="workdir to write (checkpoints/ inside)")
   ap.add_argument("--config", default=None,
-                  help="config file; default: the one stored in an hvq export")
-  ap.add_argument("--taming", action="store_true",
-                  help="the file is a taming-transformers VQGAN (partial initialisation)")
+                  help="config file; default: the one stored in an hvq export, or the config "
+                       "in configs/ that fits a taming / Control-GIC checkpoint")
+  ap.add_argument("--taming", action="store_true", help="same as --from taming")
   a = ap.parse_args(argv)
-  import importlib.util
+  from hvq_jax import compile_cache
+  compile_cache.enable()
   import jax
   import ml_collections
   from hvq_jax import checkpoint as ckpt_lib
@@ -360,34 +374,61 @@ def _import(argv):
   from hvq_jax.interop import import_weights
   from hvq_jax.training.trainer import Trainer
   from hvq_jax.nn.model import ConfigError
+  source = "taming" if a.taming else a.source.replace("-", "_")
   try:
-    if a.config:
-      spec = importlib.util.spec_from_file_location("cfg", a.config)
-      mod = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(mod)
-      config = mod.get_config()
-    elif a.taming:
-      sys.exit("hvq import: --taming needs --config (the model to initialise)")
-    if a.taming:
-      theirs = import_weights.read_torch_file(a.checkpoint)
-    else:
+    if os.path.isdir(os.path.join(a.out, "checkpoints")) and os.listdir(os.path.join(a.out, "checkpoints")):
+      sys.exit(f"hvq import: {a.out} already holds checkpoints; choose an empty --out")
+    if source == "torch":
       tensors, model_cfg, rd = export.load_torch(a.checkpoint)
-      if not a.config:
+      if a.config:
+        config = _load_config_file(a.config)
+      else:
         from hvq_jax.configs import default
         config = default.get_config()
         config.model = model_cfg
         config.rd.lmbda = rd["lmbda"]
         config.granularity.ratios = tuple(rd["ratios"])
+    else:
+      from hvq_jax.interop import torch_checkpoint
+      try:
+        theirs, info = torch_checkpoint.state_dict(a.checkpoint)
+      except torch_checkpoint.CheckpointError as e:
+        sys.exit(f"hvq import: {e}")
+      except ImportError as e:
+        sys.exit(f"hvq import: reading a torch checkpoint needs PyTorch: pip install "
+                 f"'hvq_jax[torch]' (or convert it to .safetensors) ({e})")
+      kind = import_weights.detect(theirs)
+      if kind != source:
+        what = {"taming": "a taming VQGAN", "control_gic": "a Control-GIC"}
+        sys.exit(f"hvq import: {a.checkpoint} is not {what[source]} checkpoint"
+                 + (f"; it looks like {what[kind]} one: use --from {kind.replace('_', '-')}"
+                    if kind else f" (its first keys: {', '.join(sorted(theirs)[:4])})"))
+      if info.get("inert"):
+        print(f"read {a.checkpoint}: {len(theirs)} tensors; never loaded (left inert): "
+              + ", ".join(info["inert"]))
+      arch = import_weights.architecture(theirs, source)
+      name = a.config
+      if a.config:
+        config = _load_config_file(a.config)
+      else:
+        fit = import_weights.fitting_config(arch, source)
+        base = fit or ("control_gic" if source == "control_gic" else "taming_f16_1024")
+        import importlib
+        config = importlib.import_module(f"hvq_jax.configs.{base}").get_config()
+        name = f"configs/{base}.py"
+        if fit:
+          print(f"config: configs/{fit}.py (train on with --config configs/{fit}.py)")
+      import_weights.check_config(config, theirs, source, name)
     init_config = ml_collections.ConfigDict(config.to_dict())
     init_config.loss.w_lpips = 0.0   # building params needs no LPIPS weights
     trainer = Trainer(init_config)
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
     params = jax.device_get(state["params"])
-    if a.taming:
-      new, report = import_weights.import_taming(params, theirs)
-      print(import_weights.format_report(report))
-    else:
+    if source == "torch":
       new = import_weights.import_hvq(params, tensors)
+    else:
+      new, report = import_weights.import_tokenizer(params, theirs, source, config.model)
+      print(import_weights.format_report(report, theirs))
     state = dict(state, params=jax.device_put(new, trainer.state_shardings["params"]),
                  opt_g=trainer.opt_g.init(new))
     if config.train.ema_decay > 0:
@@ -398,6 +439,9 @@ def _import(argv):
     ck.save(0, state, None, config, force=True)
     ck.close()
     print(f"wrote {a.out}/checkpoints/0 (train on with: hvq train --workdir {a.out} ...)")
+    if source != "torch":
+      print(f"the plug-in prior on it: hvq train --config {name} --workdir RUN "
+            f"--config.train.init_from={a.out} --config.train.trainable=prior")
   except (export.ExportError, ConfigError, OSError) as e:
     sys.exit(f"hvq import: {e}")
   return 0

