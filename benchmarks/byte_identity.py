@@ -31,6 +31,7 @@ def _micro():
   m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
   m.codebook_size = 64
   m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
+  m.hyperprior.context = "none"
   return cfg
 
 

@@ -138,6 +138,7 @@ def main():
   a = ap.parse_args()
 
   base = load_config(a.config)
+  base.train.recipe = "joint"   # one step program: the comparison is of dtypes, not phases
   base.seed = a.seed
   base.train.num_steps = a.steps        # the same lr schedule as a run of that length
   it = iter(data_lib.train_dataset(base))

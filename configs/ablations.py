@@ -7,23 +7,35 @@ On accelerators, pass `--config.model...` overrides (or copy this file over defa
 """
 from hvq_jax.configs import tiny_cpu
 
+
+def _hyperprior_off(c):
+  c.model.hyperprior.update(enabled=False, context="none")
+
+
+def _residual(c):
+  c.model.update(rvq_stages=2)
+  c.model.hyperprior.update(context="none")   # the context reads stage 0 only
+
+
 VARIANTS = {
     "base": lambda c: None,
-    "hyperprior_off": lambda c: c.model.hyperprior.update(enabled=False),
+    # the paper's recipe: one joint run, the rate priced by the hyperprior throughout
+    "joint": lambda c: c.train.update(recipe="joint"),
+    "hyperprior_off": _hyperprior_off,
     "per_granularity_codebook": lambda c: c.model.update(shared_codebook=False),
     "no_rate_straight_through": lambda c: c.model.update(rate_straight_through="off"),
     "no_lambda_conditioning": lambda c: c.model.update(lambda_conditioning=False),
     # single-scale VQGAN at the fine stride: every patch is sent fine
     "single_scale": lambda c: c.granularity.update(ratios=(0.0, 0.0, 1.0)),
     "single_scale_hyperprior_off": lambda c: (c.granularity.update(ratios=(0.0, 0.0, 1.0)),
-                                              c.model.hyperprior.update(enabled=False)),
+                                              _hyperprior_off(c)),
     "large_codebook": lambda c: c.model.update(codebook_size=16384),
-    # each granularity's prior also reads the map and the coarser decoded entries
-    "prior_context": lambda c: c.model.hyperprior.update(context="coarser"),
+    # each granularity's prior reads only its z (the base reads the map and the coarser
+    # decoded entries too)
+    "no_prior_context": lambda c: c.model.hyperprior.update(context="none"),
     # residual VQ: 2 codebooks per granularity, a hyperprior branch over each stage's indices
-    "residual_vq": lambda c: c.model.update(rvq_stages=2),
-    "residual_vq_hyperprior_off": lambda c: (c.model.update(rvq_stages=2),
-                                             c.model.hyperprior.update(enabled=False)),
+    "residual_vq": _residual,
+    "residual_vq_hyperprior_off": lambda c: (_residual(c), _hyperprior_off(c)),
 }
 
 

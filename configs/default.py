@@ -57,6 +57,12 @@ def get_config() -> ml_collections.ConfigDict:
       warmup_steps=5000, final_lr_frac=0.1, grad_clip=1.0,
       ema_decay=0.0, max_bad_steps=20,
       grad_accum=1,                       # micro-batches per update (batch_size / grad_accum each)
+      # The recipe (training/phases.py, docs/method.md): 'staged' trains the tokenizer
+      # priced by its static code, then the prior alone on the frozen tokenizer (the
+      # prior_fraction of the steps, at prior_lr), then everything jointly (the
+      # finetune_fraction, at finetune_lr); 'joint' is the paper's one joint run.
+      recipe="staged", prior_fraction=0.1, prior_lr=5e-5, finetune_fraction=0.0,
+      finetune_lr=5e-6,
       # Start a fresh run from another run's params (matched by name; the rest keep their
       # init), and train only part: 'all', or 'prior' (hyperprior branches / static
       # histograms: a plug-in prior for a frozen tokenizer, rate loss only).

@@ -21,6 +21,7 @@ LEGACY: Dict[str, Any] = {
     "model.hyperprior.context": "none",
     "model.rvq_stages": 1,
     "model.rvq_init_scale": 0.0,
+    "train.recipe": "joint",
 }
 
 

@@ -23,12 +23,13 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Fixed split of the bundled photos: the held-out ones never feed training.
 # The training photos: the 7 colour photos the installed packages ship (less the held-out
-# ones) and 3 grayscale ones. The other real grayscale photos (EXTRA_GRAY_PHOTOS) made the
-# demo model worse when added: 17 photos, 10 of them gray, gave held-out files 15% larger,
-# 1.7 dB lower PSNR and a mean per-channel colour shift of 13/255 instead of 7/255
-# (800 steps, seed 0, README "Choices of ours").
+# ones), 3 grayscale ones, and the package's own demo photos (hvq_jax/photos: greens,
+# blues and earth tones from the photo corpus's training split, docs/corpus.md). The other
+# real grayscale photos (EXTRA_GRAY_PHOTOS) cost rate, PSNR and colour when added
+# (results/FINDINGS.md, "Colour").
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
                 "stereo_motorcycle", "camera", "coins", "clock", "china.jpg")
+DEMO_PHOTOS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "photos")
 EXTRA_GRAY_PHOTOS = ("brick", "grass", "gravel", "moon", "cell", "page", "text")
 HELDOUT_PHOTOS = ("coffee", "chelsea", "flower.jpg")
 
@@ -222,9 +223,16 @@ def bundled_photo(name: str) -> np.ndarray:
   return to_rgb_uint8(a, name)
 
 
+def demo_photos() -> Dict[str, np.ndarray]:
+  """The small corpus photos the package ships (hvq_jax/photos/SOURCES.md), by file name."""
+  return {os.path.basename(p): read_image(p) for p in list_images(DEMO_PHOTOS_DIR)}
+
+
 def bundled_photos(split: str) -> Dict[str, np.ndarray]:
-  names = {"train": TRAIN_PHOTOS, "heldout": HELDOUT_PHOTOS}[split]
-  return {n: bundled_photo(n) for n in names}
+  """'train': TRAIN_PHOTOS and the demo photos; 'heldout': HELDOUT_PHOTOS."""
+  if split == "train":
+    return {**{n: bundled_photo(n) for n in TRAIN_PHOTOS}, **demo_photos()}
+  return {n: bundled_photo(n) for n in HELDOUT_PHOTOS}
 
 
 # ---- random-access image sources (grain training data, evaluation sets) -------------------

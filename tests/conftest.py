@@ -21,6 +21,10 @@ def micro_config():
   m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
   m.codebook_size = 64
   m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
+  # one phase and a prior without context: the loop, resume and codec tests need neither
+  # (test_phases and test_prior_context test them)
+  cfg.train.recipe = "joint"
+  m.hyperprior.context = "none"
   return cfg
 
 

@@ -21,7 +21,7 @@ import pytest
 from hvq_jax import checkpoint as ckpt_lib
 from hvq_jax.nn.model import ConfigError
 from hvq_jax.training import train
-from hvq_jax.training import optim, resume
+from hvq_jax.training import optim, phases, resume
 from tests import conftest
 from tests.conftest import micro_config
 
@@ -70,7 +70,7 @@ def test_optimizer_never_applies_a_nonfinite_update():
   c = resume_config()
   c.train.max_bad_steps = 2
   params = {"w": jnp.ones(3)}
-  for opt, finite_after in [(optim.make_optimizer(c.train, 1e-3), True),
+  for opt, finite_after in [(optim.make_optimizer(c.train, phases.plan(c)), True),
                             (optax.apply_if_finite(optax.adam(1e-3), 2), False)]:
     st, p = opt.init(params), params
     for _ in range(5):

@@ -139,7 +139,8 @@ def collect(workdir: str, run_dirs: Sequence[str]) -> List[Dict]:
   return rows
 
 
-PAIR_FIELDS = ["run_a", "run_b", "bd_rate_psnr_b_vs_a", "a_points_dominated_by_b",
+PAIR_FIELDS = ["run_a", "run_b", "bd_rate_psnr_b_vs_a", "bd_rate_lpips_b_vs_a",
+               "a_points_dominated_by_b",
                "b_points_dominated_by_a", "same_pixels", "bits_ratio_b_over_a"]
 
 
@@ -149,11 +150,22 @@ def _dominated(p: Dict, q: Dict) -> bool:
                                                                 q["psnr"] > p["psnr"])
 
 
+def _bd(bd_rate, pa, pb, metric: str):
+  """BD-rate of run b against run a at equal `metric`; None where it is not defined."""
+  a = [p for p in pa if p.get(metric) is not None]
+  b = [p for p in pb if p.get(metric) is not None]
+  try:
+    return bd_rate.bd_rate([p["bpp"] for p in a], [p[metric] for p in a],
+                           [p["bpp"] for p in b], [p[metric] for p in b])
+  except ValueError:
+    return None
+
+
 def compare(rows: Sequence[Dict], same_psnr_db: float = 0.01) -> List[Dict]:
   """Every two runs of a sweep against each other, from their table rows.
 
   "Left of" is decided by Pareto dominance of the measured points (no fitted curve can
-  flatter a run). BD-rate (PSNR, pchip) only where the two PSNR ranges overlap: models that
+  flatter a run). BD-rate (PSNR and LPIPS, pchip) only where the two ranges overlap: models that
   did not learn lambda conditioning give near-constant PSNR and no shared interval. Two runs
   with the same settings and PSNR within `same_psnr_db` at each decode to the same pixels
   (a plug-in prior on its source tokenizer): then the mean bits ratio is the pure saving.
@@ -168,16 +180,13 @@ def compare(rows: Sequence[Dict], same_psnr_db: float = 0.01) -> List[Dict]:
   for i, a in enumerate(names):
     for b in names[i + 1:]:
       pa, pb = by_run[a], by_run[b]
-      try:
-        bd = bd_rate.bd_rate([p["bpp"] for p in pa], [p["psnr"] for p in pa],
-                             [p["bpp"] for p in pb], [p["psnr"] for p in pb])
-      except ValueError:
-        bd = None
+      bd = {m: _bd(bd_rate, pa, pb, m) for m in ("psnr", "lpips")}
       sa, sb = {p["setting"]: p for p in pa}, {p["setting"]: p for p in pb}
       same = set(sa) == set(sb) and all(abs(sa[k]["psnr"] - sb[k]["psnr"]) <= same_psnr_db
                                         for k in sa)
       ratio = (sum(sb[k]["bpp"] / sa[k]["bpp"] for k in sa) / len(sa)) if same else None
-      out.append(dict(run_a=a, run_b=b, bd_rate_psnr_b_vs_a=bd,
+      out.append(dict(run_a=a, run_b=b, bd_rate_psnr_b_vs_a=bd["psnr"],
+                      bd_rate_lpips_b_vs_a=bd["lpips"],
                       a_points_dominated_by_b=f"{sum(any(_dominated(p, q) for q in pb) for p in pa)}/{len(pa)}",
                       b_points_dominated_by_a=f"{sum(any(_dominated(q, p) for p in pa) for q in pb)}/{len(pb)}",
                       same_pixels=same, bits_ratio_b_over_a=ratio))
@@ -199,15 +208,19 @@ def main(argv):
                   help="a config override for the plug-in runs only (repeatable), e.g. "
                        "model.hyperprior.context=coarser")
   ap.add_argument("--lpips-weights", default=None, help="passed to hvq eval (LPIPS column)")
+  ap.add_argument("--eval", default="", metavar="ARGS",
+                  help="more arguments for every run's hvq eval, e.g. \"--images DIR "
+                       "--fit-images DIR --ratios '0.1,0.4,0.5;0.3,0.4,0.3'\"")
   a, extra = ap.parse_known_args(argv)   # --config.field=value overrides for every run
   bad = [x for x in extra if not x.startswith("--config.")]
   if bad:
     ap.error(f"unrecognized arguments: {' '.join(bad)}")
   a.extra = extra
   try:
+    eval_extra = (["--lpips-weights", a.lpips_weights] if a.lpips_weights else []) + \
+        shlex.split(a.eval)
     runs = plan(a.config, a.workdir, split_top(a.variants), a.grid, a.extra, a.plug_in,
-                a.plug_in_steps, ["--lpips-weights", a.lpips_weights] if a.lpips_weights else [],
-                a.plug_in_set)
+                a.plug_in_steps, eval_extra, a.plug_in_set)
   except ValueError as e:
     sys.exit(f"hvq sweep: {e}")
   if a.print_only:

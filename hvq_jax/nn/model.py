@@ -221,8 +221,10 @@ class HVQ(nn.Module):
 
   # ---- the whole forward ----------------------------------------------------------------
   def __call__(self, x: jax.Array, lmbda: jax.Array, ratios: jax.Array,
-               training: bool = False) -> Dict[str, Any]:
+               training: bool = False, prior: str = "hyper") -> Dict[str, Any]:
     """x [B, H, W, 3] in [-1, 1] (any H, W); lmbda [B]; ratios [3] (coarse, medium, fine).
+    `prior` prices the indices: 'hyper' (the hyperprior, where the config has one) or
+    'static' (each branch's static logits alone, no z: the staged recipe's tokenizer phase).
 
     Returns recon [B, H, W, 3] f32, indices {branch: [B, h_g, w_g]}, masks {g: same},
     gmap [B, hc, wc],
@@ -238,7 +240,7 @@ class HVQ(nn.Module):
     cb_loss = commit_loss = 0.0
     z_bits = jnp.zeros((b,), jnp.float32)
     zm = layout.z_masks(masks, c.hyperprior.num_down, jnp) if c.hyperprior.mask_z else {}
-    hyper_on = c.hyperprior.enabled
+    hyper_on = c.hyperprior.enabled and prior == "hyper"
     for g in GRANULARITIES:
       m = masks[g].astype(jnp.float32)
       any_sent = (jnp.sum(m, axis=(1, 2)) > 0).astype(jnp.float32)
@@ -259,7 +261,7 @@ class HVQ(nn.Module):
           # with mask_z only where it has one).
           z_bits = z_bits + jnp.sum(hp["z_bits"], axis=(1, 2, 3)) * any_sent
           mu_sigma[k] = (hp["mu"], hp["sigma"])
-        else:   # ablation: static learned histogram, no side information
+        else:   # a static learned code, no side information
           per_pos = rate.static_bits(self.hyper[k].log_prior(), idx)
         bits[f"y_{g}"] = bits[f"y_{g}"] + jnp.sum(per_pos * m, axis=(1, 2))
         # mean over branches: the VQ terms keep their weight whatever rvq_stages is

@@ -6,8 +6,11 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import jax
 
+import ml_collections
+
 from hvq_jax.configs import upgrade
 from hvq_jax.nn import model as model_lib
+from hvq_jax.training import phases
 
 
 # Settings that may change when a run resumes: they touch neither the saved state's shapes
@@ -62,10 +65,21 @@ def config_changes(stored: Dict[str, Any], config) -> Dict[str, list]:
   return out
 
 
+def phase_change(stored: Dict[str, Any], config) -> list:
+  """[("train phases", stored, new)] when the recipe's phases start at other steps or in
+  another order (`phases.plan`; a later end of the last phase alone is a longer run)."""
+  layout = lambda ps: [(p.name, p.start) for p in ps] + [p.end for p in ps[:-1]]
+  old, new = phases.plan(ml_collections.ConfigDict(stored)), phases.plan(config)
+  if layout(old) == layout(new):
+    return []
+  return [("train phases", phases.describe(old), phases.describe(new))]
+
+
 def check_resume_config(stored: Dict[str, Any], config, allow_config_change: bool,
                         where: str) -> Dict[str, list]:
   """Raise ConfigError naming every differing field unless the change is allowed."""
   diff = config_changes(stored, config)
+  diff["changes"] += phase_change(stored, config)
   fmt = lambda items: "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in items)
   safe_list = ", ".join(SAFE_ON_RESUME)
   if diff["structural"]:
@@ -133,7 +147,9 @@ def restore_or_init(ckpt, trainer, config, data_iter, allow_config_change: bool,
   state = ckpt.restore(latest, trainer.abstract_state, None if restart_data else data_iter)
   start = int(jax.device_get(state["step"]))
   if is_main:
-    print(f"resumed from step {start} in {ckpt.directory}")
+    now = [p.name for p in trainer.phases if p.start <= start < p.end]
+    print(f"resumed from step {start} in {ckpt.directory}"
+          + (f" (phase {now[0]})" if now and len(trainer.phases) > 1 else ""))
     for k, a, b in diff["safe"] + diff["changes"]:
       print(f"  {k}: {a!r} -> {b!r}")
     if restart_data:

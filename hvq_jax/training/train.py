@@ -24,6 +24,7 @@ from hvq_jax import checkpoint as ckpt_lib
 from hvq_jax.nn import model as model_lib
 from hvq_jax.training import data as data_lib
 from hvq_jax.training import heldout
+from hvq_jax.training import phases
 from hvq_jax.training import sharding
 from hvq_jax.training.metric_writer import MetricWriter
 from hvq_jax.training.resume import flatten, matches, restore_or_init
@@ -67,6 +68,8 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     state, start = restore_or_init(ckpt, trainer, config, data_iter, allow_config_change,
                                    workdir)
     writer = MetricWriter(workdir, is_main, resume_step=start)
+    if is_main and len(trainer.phases) > 1:
+      print(f"recipe {config.train.recipe}: {phases.describe(trainer.phases)}")
     preemption = _Preemption()
     state, preempted = _train_loop(trainer, config, state, start, data_iter, ckpt, writer,
                                    preemption, progress and is_main)
@@ -125,7 +128,7 @@ def _train_loop(trainer, config, state, start: int, data_iter, ckpt, writer, pre
     will_save = done % tc.ckpt_every == 0 or done == tc.num_steps
     will_log = done % tc.log_every == 0 or will_save
     batch = next(feed)
-    state, m = trainer.train_step(state, batch)
+    state, m = trainer.step_for(step)(state, batch)
     seen += batch.shape[0]
     inflight.append(m["loss"])
     if len(inflight) > depth:
@@ -148,8 +151,9 @@ def _train_loop(trainer, config, state, start: int, data_iter, ckpt, writer, pre
             f"Every one was skipped and nothing after step {last_saved} was saved: the "
             f"newest checkpoint holds finite params. Lower train.lr or check the data, "
             f"then rerun.")
-      bar.set_postfix(loss=f"{m['loss']:.3f}", bpp=f"{m['bpp']:.3f}",
-                      psnr=f"{m['psnr']:.1f}", img_s=f"{m['images_per_s']:.1f}")
+      bar.set_postfix(phase=trainer.phases[int(m["phase"])].name, loss=f"{m['loss']:.3f}",
+                      bpp=f"{m['bpp']:.3f}", psnr=f"{m['psnr']:.1f}",
+                      img_s=f"{m['images_per_s']:.1f}")
     bar.update(1)
     if preemption.reached(done):
       save(done, force=True)

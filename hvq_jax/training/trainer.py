@@ -18,9 +18,10 @@ from hvq_jax.nn import codebook as codebook_lib
 from hvq_jax.nn import lpips as lpips_lib
 from hvq_jax.nn import model as model_lib
 from hvq_jax.training import losses
+from hvq_jax.training import phases as phases_lib
 from hvq_jax.training import sharding
 from hvq_jax.training.discriminator import PatchGAN
-from hvq_jax.training.optim import guarded_update, is_prior, make_optimizer
+from hvq_jax.training.optim import guarded_update, is_prior, make_disc_optimizer, make_optimizer
 
 
 def validate_config(config) -> None:
@@ -48,6 +49,8 @@ def validate_config(config) -> None:
   if trainable == "prior" and not config.train.init_from:
     err("config.train.trainable='prior' trains a prior for a frozen tokenizer: set "
         "config.train.init_from to the run whose encoder, codebooks and decoder it freezes")
+  for why in phases_lib.errors(config):
+    err(why)
 
 
 class Trainer:
@@ -61,10 +64,9 @@ class Trainer:
     self.config = config
     self.model = model_lib.build(config.model)
     self.disc = PatchGAN(config.disc.ch, config.disc.n_layers, min(32, config.disc.ch))
-    plug_in = config.train.trainable == "prior"
-    self.opt_g = make_optimizer(config.train, config.train.lr,
-                                (lambda p: not is_prior(p)) if plug_in else None)
-    self.opt_d = make_optimizer(config.train, config.train.disc_lr)
+    self.phases = phases_lib.plan(config)
+    self.opt_g = make_optimizer(config.train, self.phases)
+    self.opt_d = make_disc_optimizer(config.train)
     self.lpips = None
     self.lpips_params = None
     if config.loss.w_lpips > 0:
@@ -91,10 +93,15 @@ class Trainer:
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
         abstract, self.state_shardings)
     self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self.train_step = jax.jit(self._train_step,
-                              in_shardings=(self.state_shardings, self.batch_sharding),
-                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
+    # One program per phase, compiled when its phase first runs: a lax.switch over the
+    # phases in one program ran 40x slower per step on XLA:CPU than its branches alone.
+    self.phase_steps = [
+        jax.jit(functools.partial(self._phase_step, i, p.name),
+                in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                donate_argnums=(0,))
+        for i, p in enumerate(self.phases)]
+    self.train_step = self.phase_steps[0] if len(self.phases) == 1 else self._train_step
 
   # ---- state ----------------------------------------------------------------------------
   def _init_state(self, rng: jax.Array) -> Dict[str, Any]:
@@ -128,8 +135,9 @@ class Trainer:
       out = out + lc.w_lpips * jnp.mean(self.lpips.apply({"params": self.lpips_params}, x, recon))
     return out
 
-  def _micro_step(self, params, disc_params, step, x, lmbda, k_noise):
-    """Gradients (generator, discriminator) and metrics of one micro-batch."""
+  def _micro_step(self, prior, params, disc_params, step, x, lmbda, k_noise):
+    """Gradients (generator, discriminator) and metrics of one micro-batch, the rate
+    priced by `prior` ('hyper' | 'static', `HVQ.__call__`)."""
     cfg, lc = self.config, self.config.loss
     ratios = jnp.asarray(cfg.granularity.ratios, jnp.float32)
     disc_on = (step >= lc.disc_start).astype(jnp.float32)
@@ -137,7 +145,8 @@ class Trainer:
 
     def gen_loss(params):
       out, inter = self.model.apply({"params": params}, x, lmbda, ratios, training=True,
-                                    rngs={"noise": k_noise}, mutable=["intermediates"])
+                                    prior=prior, rngs={"noise": k_noise},
+                                    mutable=["intermediates"])
       recon = out["recon"]
       rec = self._rec_loss(x, recon)
       rate = jnp.mean(lmbda * out["bpp"])
@@ -185,13 +194,25 @@ class Trainer:
                    **{f"bpp_{k}": jnp.mean(v) / hw for k, v in out["bits"].items()})
     return grads, d_grads, metrics
 
+  def step_for(self, step: int):
+    """The compiled step of the phase that step `step` (0-based, a host int) is in."""
+    if len(self.phases) == 1:
+      return self.train_step
+    return self.phase_steps[phases_lib.index(self.phases, step)]
+
   def _train_step(self, state, batch):
+    """One step of the phase the state's step is in (reads the step from the device: the
+    training loop, which knows it, calls `step_for` instead)."""
+    return self.step_for(int(jax.device_get(state["step"])))(state, batch)
+
+  def _phase_step(self, index: int, phase: str, state, batch):
     cfg = self.config
     rng, k_noise, k_lam = jax.random.split(state["rng"], 3)
     x = batch.astype(jnp.float32) / 127.5 - 1.0
     lmbda = self.sample_lambdas(k_lam, x.shape[0])
     accum = int(cfg.train.grad_accum)
-    micro = functools.partial(self._micro_step, state["params"], state["disc_params"], state["step"])
+    micro = functools.partial(self._micro_step, "static" if phase == "tokenizer" else "hyper",
+                              state["params"], state["disc_params"], state["step"])
     if accum == 1:
       grads, d_grads, metrics = micro(x, lmbda, k_noise)
     else:   # scan over micro-batches, averaging gradients and metrics
@@ -204,20 +225,20 @@ class Trainer:
       total, _ = jax.lax.scan(body, zeros, (xs, ls, ks))
       grads, d_grads, metrics = jax.tree.map(lambda a: a / accum, total)
 
-    if cfg.train.trainable == "prior":
-      # a plug-in prior: the optimiser never moves the tokenizer (make_optimizer's
-      # set_to_zero); its gradients are also replaced by constants here so that XLA drops
-      # their backward pass (measured: the plug-in step runs ~2.5x faster than a full step)
-      # and they do not enter the finite check or grad_norm; the rate is then optimised
-      # through the prior's params only
+    if phase == "prior":
+      # the tokenizer is frozen: its optimiser group is held (guarded_update) and its
+      # gradients are replaced by constants, so that XLA drops their backward pass
+      # (measured: a prior step runs ~2.5x faster than a full step) and they enter neither
+      # the finite check nor grad_norm; the rate is then optimised through the prior only
       grads = jax.tree_util.tree_map_with_path(
           lambda p, g: g if is_prior(p) else jnp.zeros_like(g), grads)
-    params, opt_g = guarded_update(self.opt_g, grads, state["opt_g"], state["params"])
+    params, opt_g = guarded_update(self.opt_g, grads, state["opt_g"], state["params"],
+                                   hold="tokenizer" if phase == "prior" else "")
     # The count is reset by an update that was applied and grows with each one dropped
     # (a non-finite loss, gradient or update).
     finite = opt_g.notfinite_count == 0
     disc_params, opt_d = state["disc_params"], state["opt_d"]
-    if cfg.loss.w_gan > 0:
+    if cfg.loss.w_gan > 0 and phase != "prior":
       disc_params, opt_d = guarded_update(self.opt_d, d_grads, opt_d, disc_params)
 
     ema = state["ema_params"]
@@ -225,7 +246,8 @@ class Trainer:
       dcy = cfg.train.ema_decay
       ema = jax.tree.map(lambda e, p: jnp.where(finite, dcy * e + (1 - dcy) * p, e), ema, params)
     metrics.update(grad_norm=optax.global_norm(grads), skipped=1.0 - finite.astype(jnp.float32),
-                   bad_streak=opt_g.notfinite_count.astype(jnp.float32))
+                   bad_streak=opt_g.notfinite_count.astype(jnp.float32),
+                   phase=jnp.float32(index))
     new_state = dict(step=state["step"] + 1, params=params, opt_g=opt_g,
                      disc_params=disc_params, opt_d=opt_d, ema_params=ema, rng=rng)
     return new_state, metrics
