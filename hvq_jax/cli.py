@@ -8,9 +8,10 @@ commands:
   train       --config configs/X.py --workdir DIR [--config.field=value ...]
               (defaults: the tiny CPU config on the bundled photos, workdir runs/tiny_cpu)
   compress    IMAGE_OR_FOLDER... -o OUT --checkpoint DIR [--lmbda L] [--ratios c,m,f]
-              [--target-bpp B]
-  decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR [--backend jax|torch]
-              (--backend torch: --checkpoint is an `hvq export --format torch` file)
+              [--target-bpp B] [--jobs N]
+  decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR [--backend jax|torch] [--jobs N]
+              (--backend torch: --checkpoint is an `hvq export --format torch` file;
+              several inputs: N worker processes, 0 = one per core)
   eval        --checkpoint DIR --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
               [--lmbdas 0.05,0.2] [--ratios 'c,m,f;c,m,f'] [--lpips-weights DIR]
               [--dataset kodak|clic2020|div2k|tecnick] [--inception-weights FILE]
@@ -157,21 +158,25 @@ def _codec_command(cmd, argv):
     ap.add_argument("--ratios", default=None, help="coarse,medium,fine fractions")
     ap.add_argument("--target-bpp", type=float, default=None)
   ap.add_argument("--no-progress", action="store_true")
+  ap.add_argument("--jobs", type=int, default=0,
+                  help="worker processes for several inputs, each on its share of the cores "
+                       "(0: one per core; 1: one image at a time in this process)")
   a = ap.parse_args(argv)
 
   # Only what coding needs: no flax unless a program has to be traced, no Orbax for a local
   # checkpoint, no training or evaluation stack (tests/test_codec_load.py checks).
-  from PIL import Image
   from hvq_jax import compile_cache
   compile_cache.enable()   # the user cache: a second `hvq decompress` does not recompile
   from hvq_jax import codec
   from hvq_jax import images
-  from hvq_jax.entropy.bitstream import BitstreamError
+  from hvq_jax import jobs as jobs_lib
 
   exts = images.IMAGE_EXTENSIONS if cmd == "compress" else (".hvq",)
   files, to_folder = _inputs(a.inputs, exts)
   if not files:
     sys.exit(f"hvq {cmd}: no inputs found in {a.inputs}")
+  if a.jobs < 0:
+    sys.exit(f"hvq {cmd}: --jobs must be 0 (one per core) or more, got {a.jobs}")
   if to_folder:
     try:
       outs = _output_names(files, a.out, ".hvq" if cmd == "compress" else ".png")
@@ -179,52 +184,44 @@ def _codec_command(cmd, argv):
       sys.exit(f"hvq {cmd}: {e}")
   else:
     outs = [a.out]
-  ratios = None
-  if cmd == "compress" and a.ratios:
-    try:
-      ratios = tuple(float(v) for v in a.ratios.split(","))
-    except ValueError:
-      sys.exit(f"hvq compress: --ratios must be three numbers like 0.1,0.4,0.5, got {a.ratios!r}")
-  decode = None
-  try:
-    if cmd == "decompress" and a.backend == "torch":
+  options = {}
+  if cmd == "compress":
+    ratios = None
+    if a.ratios:
       try:
-        from hvq_jax.interop import export, torch_model
+        ratios = tuple(float(v) for v in a.ratios.split(","))
+      except ValueError:
+        sys.exit(f"hvq compress: --ratios must be three numbers like 0.1,0.4,0.5, got {a.ratios!r}")
+    options = dict(lmbda=a.lmbda, ratios=ratios, target_bpp=a.target_bpp)
+  backend = getattr(a, "backend", "jax")
+  coder_args = (cmd, a.checkpoint, backend, options)
+  try:
+    if backend == "torch":
+      try:
+        from hvq_jax.interop import export  # noqa: F401  (needs torch)
+        import torch  # noqa: F401
       except ImportError as e:
         sys.exit(f"hvq {cmd}: --backend torch needs PyTorch: pip install 'hvq_jax[torch]' ({e})")
-      try:
-        net = torch_model.from_safetensors(a.checkpoint)
-        net.coding = export.load_coding(a.checkpoint)
-      except export.ExportError as e:
-        sys.exit(f"hvq {cmd}: {e}")
-      decode = lambda data: torch_model.decompress(net, data)
-    else:
-      model = codec.load_model(a.checkpoint)
-      decode = lambda data: codec.decompress(model, data)
+    coder = jobs_lib.Coder(*coder_args)
   except codec.CheckpointError as e:
     sys.exit(f"hvq {cmd}: {e}")
-  failures = 0
+  except ValueError as e:   # ExportError
+    sys.exit(f"hvq {cmd}: {e}")
   jobs = list(zip(files, outs))
+  workers = a.jobs or len(jobs_lib.cores())
+  bar = None
   if not (a.no_progress or len(files) == 1):
     from tqdm import tqdm
-    jobs = tqdm(jobs, unit="img")
-  for path, out in jobs:
-    try:
-      if cmd == "compress":
-        data = codec.compress(model, images.read_image(path), lmbda=a.lmbda, ratios=ratios,
-                              target_bpp=a.target_bpp)
-        def write(tmp):
-          with open(tmp, "wb") as f:
-            f.write(data)
-      else:
-        with open(path, "rb") as f:
-          img = decode(f.read())
-        write = lambda tmp: Image.fromarray(img).save(tmp, format="PNG")
-      _atomic_write(out, write)
-    except (BitstreamError, images.ImageError, OSError, ValueError) as e:   # ConfigError too
-      failures += 1
-      print(f"hvq {cmd}: {path}: {e}", file=sys.stderr)
-  return 1 if failures else 0
+    bar = tqdm(total=len(jobs), unit="img")
+  failed = jobs_lib.run(coder, jobs, workers, coder_args,
+                        progress=bar.update if bar is not None else lambda: None)
+  if bar is not None:
+    bar.close()
+  if failed and len(jobs) > 1:
+    print(f"hvq {cmd}: {len(failed)} of {len(jobs)} files failed:", file=sys.stderr)
+  for path, why in failed:
+    print(f"hvq {cmd}: {path}: {why}", file=sys.stderr)
+  return 1 if failed else 0
 
 
 def _eval(argv):

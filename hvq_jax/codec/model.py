@@ -26,13 +26,19 @@ class CheckpointError(FileNotFoundError):
 
 # Compute settings: they change how fast (and, by float rounding, which pixels) a model
 # computes, never its params, symbols or integer tables, so they are not fingerprinted.
-_COMPUTE_ONLY = ("dtype", "remat", "rate_chunk")
+_COMPUTE_ONLY = ("dtype", "remat", "rate_chunk", "attn_chunk")
+
+
+# Fields added since the first files, at the value every earlier model had: left out of
+# the fingerprint at that value, so those models' files still decode.
+_AS_BEFORE = {"dec_mid_attn": True}
 
 
 def fingerprint(params, model_cfg, codec: Optional[dict] = None) -> bytes:
   """8 bytes of sha256 over the params (in tree order), the model config (less compute
   settings) and what of the codec settings the integer tables depend on."""
-  cfg = {k: v for k, v in json.loads(model_cfg.to_json()).items() if k not in _COMPUTE_ONLY}
+  cfg = {k: v for k, v in json.loads(model_cfg.to_json()).items()
+         if k not in _COMPUTE_ONLY and not (k in _AS_BEFORE and v == _AS_BEFORE[k])}
   h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
   if codec is not None:
     h.update(json.dumps(dict(integer=integer.VERSION, z_range=int(codec["z_range"]),
