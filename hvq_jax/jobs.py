@@ -78,7 +78,7 @@ class Coder:
 
   def __call__(self, path: str, out: str) -> None:
     from hvq_jax import codec, images
-    from hvq_jax.cli import _atomic_write
+    from hvq_jax.cli.codec import atomic_write
     o = self.options
     if self.cmd == "compress":
       data = codec.compress(self.model, images.read_image(path), lmbda=o.get("lmbda"),
@@ -91,7 +91,7 @@ class Coder:
       with open(path, "rb") as f:
         img = self._decode(f.read())
       write = lambda tmp: Image.fromarray(img).save(tmp, format="PNG")
-    _atomic_write(out, write)
+    atomic_write(out, write)
 
 
 def _expected_errors():
