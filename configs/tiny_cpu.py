@@ -35,12 +35,14 @@ def get_config():
   # it priced the same indices 5-15% lower than without (three seeds, results/FINDINGS.md)
   m.hyperprior.context = "coarser"
   config.image_size = 96          # z grid of the fine branch: 3x3 (less border than 2x2)
+  config.granularity.train_ratios = ((0.0, 0.2, 0.8), (0.1, 0.4, 0.5), (0.3, 0.4, 0.3),
+                                     (0.5, 0.3, 0.2), (0.7, 0.2, 0.1), (0.9, 0.1, 0.0))
   config.rd.lambdas = (0.05, 0.2, 0.8)
   config.rd.lmbda = 0.2
   t = config.train
-  t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 4, 1000, 50, 250
+  t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 4, 1200, 50, 300
   t.lr, t.disc_lr, t.b1, t.b2, t.warmup_steps = 1e-3, 1e-3, 0.9, 0.99, 100
-  t.prior_fraction, t.prior_lr, t.finetune_lr = 0.3, 1e-3, 1e-4
+  t.prior_fraction, t.prior_lr, t.finetune_lr = 0.4, 1e-3, 1e-4
   # colour augmentation: the bundled training photos have few greens and blues; a mild
   # hue rotation and chroma scale lower the colour shift, a full hue turn is too hard a
   # task for this model (results/FINDINGS.md, "Colour").

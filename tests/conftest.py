@@ -28,6 +28,7 @@ def micro_config():
   # (test_phases and test_prior_context test them)
   cfg.train.recipe = "joint"
   m.hyperprior.context = "none"
+  cfg.granularity.train_ratios = ()
   return cfg
 
 
