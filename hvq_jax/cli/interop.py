@@ -82,9 +82,6 @@ def run_import(argv):
         theirs, info = torch_checkpoint.state_dict(a.checkpoint)
       except torch_checkpoint.CheckpointError as e:
         sys.exit(f"hvq import: {e}")
-      except ImportError as e:
-        sys.exit(f"hvq import: reading a torch checkpoint needs PyTorch: pip install "
-                 f"'hvq_jax[torch]' (or convert it to .safetensors) ({e})")
       kind = import_weights.detect(theirs)
       if kind != source:
         what = {"taming": "a taming VQGAN", "control_gic": "a Control-GIC"}
