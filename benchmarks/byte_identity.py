@@ -32,6 +32,7 @@ def _micro():
   m.codebook_size = 64
   m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
   m.hyperprior.context = "none"
+  m.dec_mid_attn, m.dec_attn_strides = True, (16,)   # as the tests' micro model
   return cfg
 
 

@@ -13,6 +13,7 @@ def model_config() -> ml_collections.ConfigDict:
       head_attn_strides=(16, 8),           # no attention in the stride-4 head (quadratic)
       # Decoder (MoVQ-style, conditioned on the merged code map).
       dec_ch=128, dec_ch_mult=(1, 2, 2, 4, 4), dec_num_res_blocks=2, dec_attn_strides=(16,),
+      dec_mid_attn=True,                   # the middle block's global attention (top stride)
       norm_groups=32,
       strides=(16, 8, 4),                  # coarse, medium, fine
       granularity_bins=32,
@@ -44,6 +45,10 @@ def model_config() -> ml_collections.ConfigDict:
                       spatial="none"),
       dtype="float32",                     # compute dtype (params stay float32)
       remat=False,                         # rematerialise encoder/decoder ResBlocks
+      # attention queries computed at once, each against every key (nn/layers.py
+      # attention): a [attn_chunk, tokens] score block, so memory stays linear in the
+      # tokens; an image of up to attn_chunk tokens per attention is one block
+      attn_chunk=1024,
   ))
 
 
@@ -51,7 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config()
-  config.granularity = ml_collections.ConfigDict(dict(ratios=(0.1, 0.4, 0.5)))
+  # ratios: the (coarse, medium, fine) fractions coded by default; train_ratios: the
+  # ratios training draws from, one per step (empty: train at `ratios`). A prior that
+  # prices every ratio a user may ask for has to see them: trained at one ratio only, the
+  # staged prior saved 7-12% at fine-heavy ratios and lost up to 45% at coarse-heavy ones
+  # (results/FINDINGS.md).
+  config.granularity = ml_collections.ConfigDict(dict(ratios=(0.1, 0.4, 0.5), train_ratios=()))
   config.rd = ml_collections.ConfigDict(dict(lambdas=(0.5, 1.0, 2.0, 4.0), lmbda=1.0))
   config.image_size = 256                 # training crop (multiple of the coarse stride)
   config.train = ml_collections.ConfigDict(dict(
@@ -105,11 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
       axes=("data", "fsdp"), shape=(-1, 1), fsdp_min_size=2 ** 18))
   # Real entropy coding (hvq_jax/codec, entropy/integer.py): z_hat is clipped to
   # [-z_range, z_range] before it is coded; the integer hyper-synthesis' weight precision;
-  # the largest image accepted; index-weight positions built at once on the device; the
-  # memory one image may take (GB; 0: 75% of the device's), from which the largest
-  # codable size follows (codec/coder.py memory_estimate: the decoder's global attention
-  # at its top stride grows with the square of the pixel count).
+  # the largest image accepted (the container's limit, 64 MP); index-weight positions
+  # built at once on the device; the memory one image may take (GB; 0: 75% of the
+  # device's), from which the largest codable size follows (codec/memory.py
+  # memory_estimate: linear in the pixel count, mostly the full-resolution feature maps).
   config.codec = ml_collections.ConfigDict(dict(
-      z_range=64, weight_bits=12, max_pixels=4096 * 4096, index_chunk=2048,
+      z_range=64, weight_bits=12, max_pixels=8192 * 8192, index_chunk=2048,
       memory_budget_gb=0.0))
   return config

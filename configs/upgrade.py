@@ -25,6 +25,14 @@ LEGACY: Dict[str, Any] = {
 }
 
 
+# Limits an older version stored as its default, where the limit was that version's
+# code's and not the model's: a stored value equal to one of these becomes today's
+# default (4096^2 pixels: the quadratic attention that set it is gone).
+RENEWED: Dict[str, tuple] = {
+    "codec.max_pixels": (4096 * 4096,),
+}
+
+
 def _fill(stored: dict, defaults: dict, prefix: str) -> dict:
   out = dict(stored)
   for k, v in defaults.items():
@@ -33,6 +41,8 @@ def _fill(stored: dict, defaults: dict, prefix: str) -> dict:
       out[k] = _fill(stored.get(k) or {}, v, path + ".")
     elif k not in stored:
       out[k] = LEGACY.get(path, v)
+    elif stored[k] in RENEWED.get(path, ()):
+      out[k] = v
   return out
 
 

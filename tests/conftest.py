@@ -21,10 +21,14 @@ def micro_config():
   m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
   m.codebook_size = 64
   m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
+  # the decoder attends (the tiny one does not), so the tests and the PyTorch parity
+  # cover attention blocks
+  m.dec_mid_attn, m.dec_attn_strides = True, (16,)
   # one phase and a prior without context: the loop, resume and codec tests need neither
   # (test_phases and test_prior_context test them)
   cfg.train.recipe = "joint"
   m.hyperprior.context = "none"
+  cfg.granularity.train_ratios = ()
   return cfg
 
 

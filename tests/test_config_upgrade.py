@@ -47,6 +47,9 @@ def test_a_section_stored_alone_is_upgraded_against_its_defaults():
   assert m.hyperprior.context == "none"
   c = upgrade.upgrade({"z_range": 32}, "codec")
   assert c.z_range == 32 and c.max_pixels == default.get_config().codec.max_pixels
+  # an older version's default limit is renewed; one a user chose is kept
+  assert upgrade.upgrade({"max_pixels": 4096 * 4096}, "codec").max_pixels == 8192 * 8192
+  assert upgrade.upgrade({"max_pixels": 1000}, "codec").max_pixels == 1000
 
 
 def test_checkpoint_written_before_codec_and_newer_model_fields_loads_and_codes(

@@ -1,5 +1,6 @@
-"""PyTorch model parity and decoding, taming import: the tests that need torch (the
-torch-free export/import/StableHLO tests are in test_export_numpy.py)."""
+"""PyTorch model parity and decoding: the tests that need torch (the torch-free
+export/import/StableHLO tests are in test_export_numpy.py, the taming and Control-GIC
+imports in test_taming_import.py)."""
 import os
 import subprocess
 import sys
@@ -14,7 +15,6 @@ torch = pytest.importorskip("torch")   # the `torch` extra; .ci/run installs tor
 from hvq_jax import codec
 from hvq_jax.interop import export
 from hvq_jax import images
-from hvq_jax.interop import import_weights
 from hvq_jax.training import train  # noqa: E402
 from hvq_jax import layout
 from hvq_jax.layout import GRANULARITIES  # noqa: E402
@@ -82,30 +82,6 @@ def test_torch_model_matches_jax_on_ablation_tokenizers(variant, tmp_path):
   assert np.abs(out["recon"].permute(0, 2, 3, 1).numpy() - ref["recon"]).max() <= 1e-4 * scale
   for k, v in ref["bits"].items():
     np.testing.assert_allclose(out["bits"][k].numpy(), v, rtol=1e-4, atol=1e-3, err_msg=k)
-
-
-def test_taming_vqgan_import(micro_codec, tmp_path):
-  """A taming-style checkpoint (torch.save, loaded weights_only) initialises the mapped parts."""
-  ours = export.flax_to_torch(micro_codec.params)
-  rng = np.random.default_rng(0)
-  sd = {}
-  for k, v in ours.items():
-    t = import_weights.taming_name(k)
-    if t is not None:
-      sd[t] = torch.from_numpy(rng.normal(size=v.shape).astype(np.float32))
-  sd["quant_conv.weight"] = torch.zeros(4, 4, 1, 1)
-  sd["loss.discriminator.main.0.weight"] = torch.zeros(3)
-  path = str(tmp_path / "vqgan.ckpt")
-  torch.save({"state_dict": sd}, path)
-  new, report = import_weights.import_taming(micro_codec.params, import_weights.read_torch_file(path))
-  flat = export.flax_to_torch(new)
-  assert len(report["loaded"]) > 50
-  for k in report["loaded"]:
-    np.testing.assert_array_equal(flat[k], sd[import_weights.taming_name(k)].numpy())
-  assert "encoder.down.0.block.0.conv1.weight" in {import_weights.taming_name(k) for k in report["loaded"]}
-  assert "decoder.up1_res0.norm1.norm.weight" in report["loaded"]
-  assert "quant_conv.weight" in report["unused_in_file"]
-  assert any(k.startswith("hyper_fine") for k in report["not_in_file"])
 
 
 def test_torch_decodes_jax_files(micro_codec, exported, tmp_path):

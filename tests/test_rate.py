@@ -179,3 +179,29 @@ def test_chosen_entry_is_pulled_toward_mu():
   before = float(rate.index_bits(mu, sigma, codebook, jnp.asarray([k]))[0])
   after = float(rate.index_bits(mu, sigma, step, jnp.asarray([k]))[0])
   assert after < before
+
+
+def test_large_embedding_dimension_through_matmuls():
+  """D >= rate.MATMUL_MIN_DIM (taming's D=256) takes the matmul expansion: same log
+  probabilities and gradients as the direct form, with entries clustered far from the
+  origin (the case an uncentred expansion gets wrong)."""
+  rng = np.random.default_rng(7)
+  k, d = 512, 64
+  codebook = (3.0 + 0.05 * rng.normal(size=(k, d))).astype(np.float32)
+  idx = rng.integers(0, k, size=(2, 6))
+  mu = (codebook[idx] + 0.1 * rng.normal(size=(2, 6, d))).astype(np.float32)
+  sigma = rng.uniform(0.2, 0.6, size=(2, 6, d)).astype(np.float32)
+  assert d >= rate.MATMUL_MIN_DIM
+  want = reference_log_probs(mu, sigma, codebook)
+  assert 1.0 < -np.take_along_axis(want, idx[..., None], -1).mean() / np.log(2) < 9.0   # a broad pmf
+  np.testing.assert_allclose(np.asarray(rate.index_log_probs(mu, sigma, codebook)), want,
+                             rtol=1e-5, atol=2e-4)
+  direct = lambda m, s, e: -0.5 * jnp.sum(((e - m[..., None, :]) / s[..., None, :]) ** 2, -1)
+  def bits(fn, m, s, e):
+    logits = fn(m, s, e)
+    lp = logits - jax.scipy.special.logsumexp(logits, -1, keepdims=True)
+    return -jnp.sum(jnp.take_along_axis(lp, jnp.asarray(idx)[..., None], -1)) / np.log(2)
+  g_new = jax.grad(lambda *a: bits(rate._neg_half_mahalanobis, *a), argnums=(0, 1, 2))(mu, sigma, codebook)
+  g_ref = jax.grad(lambda *a: bits(direct, *a), argnums=(0, 1, 2))(mu, sigma, codebook)
+  for a, b in zip(g_new, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-3 * np.abs(b).max())

@@ -26,19 +26,28 @@ class CheckpointError(FileNotFoundError):
 
 # Compute settings: they change how fast (and, by float rounding, which pixels) a model
 # computes, never its params, symbols or integer tables, so they are not fingerprinted.
-_COMPUTE_ONLY = ("dtype", "remat", "rate_chunk")
-# Fields added after files of format 2 were written, at the value every model then had:
-# left out of the fingerprint at that value, so those files still match their model.
-_SILENT_AT = {("hyperprior", "spatial"): "none"}
+_COMPUTE_ONLY = ("dtype", "remat", "rate_chunk", "attn_chunk")
+# Fields added since the first files, at the value every earlier model had: left out of
+# the fingerprint at that value, so those models' files still decode. Keys are paths.
+_AS_BEFORE = {("dec_mid_attn",): True, ("hyperprior", "spatial"): "none"}
+
+
+def _drop_at(cfg: dict, path: tuple, value) -> dict:
+  """cfg without the field at path when it holds value (or is absent)."""
+  head, rest = path[0], path[1:]
+  if head not in cfg:
+    return cfg
+  if not rest:
+    return cfg if cfg[head] != value else {k: v for k, v in cfg.items() if k != head}
+  return {**cfg, head: _drop_at(cfg[head], rest, value)} if isinstance(cfg[head], dict) else cfg
 
 
 def fingerprint(params, model_cfg, codec: Optional[dict] = None) -> bytes:
   """8 bytes of sha256 over the params (in tree order), the model config (less compute
   settings) and what of the codec settings the integer tables depend on."""
   cfg = {k: v for k, v in json.loads(model_cfg.to_json()).items() if k not in _COMPUTE_ONLY}
-  for (section, field), value in _SILENT_AT.items():
-    if cfg.get(section, {}).get(field, value) == value:
-      cfg[section] = {k: v for k, v in cfg[section].items() if k != field}
+  for path, value in _AS_BEFORE.items():
+    cfg = _drop_at(cfg, path, value)
   h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
   if codec is not None:
     h.update(json.dumps(dict(integer=integer.VERSION, z_range=int(codec["z_range"]),

@@ -31,10 +31,26 @@ import jax.numpy as jnp
 LN2 = math.log(2.0)
 
 
+# From this embedding dimension on (taming's D=256) the distances come from matmuls: the
+# direct form materialises [..., K, D] (D=256, K=16384: 17 GB for 1024 positions), the
+# expansion sum w e^2 - 2 sum w e mu + sum w mu^2 (w = 1/sigma^2) only [..., K]. Centred
+# at the codebook's mean, it agrees with the direct form within 1e-5 bits (measured:
+# D=256, K=16384, entries clustered 50 sigma from the origin: 6e-6 bits; uncentred 1.2).
+MATMUL_MIN_DIM = 32
+
+
 def _neg_half_mahalanobis(mu, sigma, codebook):
   """-1/2 sum_d ((e_kd - mu_d) / sigma_d)^2: [..., D] x [K, D] -> [..., K]."""
-  diff = (codebook - mu[..., None, :]) / sigma[..., None, :]
-  return -0.5 * jnp.sum(diff * diff, axis=-1)
+  if codebook.shape[-1] < MATMUL_MIN_DIM:
+    diff = (codebook - mu[..., None, :]) / sigma[..., None, :]
+    return -0.5 * jnp.sum(diff * diff, axis=-1)
+  centre = jnp.mean(codebook, axis=0)
+  e, m = codebook - centre, mu - centre
+  w = 1.0 / (sigma * sigma)
+  hi = jax.lax.Precision.HIGHEST
+  ee = jnp.einsum("...d,kd->...k", w, e * e, precision=hi)
+  em = jnp.einsum("...d,kd->...k", w * m, e, precision=hi)
+  return -0.5 * (ee - 2.0 * em + jnp.sum(w * m * m, axis=-1, keepdims=True))
 
 
 def index_log_probs(mu: jax.Array, sigma: jax.Array, codebook: jax.Array,

@@ -134,19 +134,29 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attention(q, k, v, chunk: int = 1024):
+  """softmax(q k^T / sqrt(C)) v over [B, T, C] tokens, `chunk` queries at a time (the JAX
+  `layers.attention`): a [chunk, T] score block at once, so memory is linear in T."""
+  root = math.sqrt(q.shape[-1])
+  step = q.shape[1] if chunk <= 0 else chunk
+  kt = k.transpose(1, 2)
+  return torch.cat([torch.softmax(q[:, s:s + step] @ kt / root, dim=-1) @ v
+                    for s in range(0, q.shape[1], step)], dim=1)
+
+
 class AttnBlock(nn.Module):
-  def __init__(self, ch, groups, cond_ch=None):
+  def __init__(self, ch, groups, cond_ch=None, chunk=1024):
     super().__init__()
     self.norm = _norm(groups, ch, cond_ch)
     self.q, self.k, self.v, self.proj_out = (Conv(ch, ch, 1) for _ in range(4))
     self.cond = cond_ch is not None
+    self.chunk = chunk
 
   def forward(self, x, cond=None):
     b, c, h, w = x.shape
     hn = self.norm(x, cond) if self.cond else self.norm(x)
     q, k, v = (m(hn).reshape(b, c, h * w).transpose(1, 2) for m in (self.q, self.k, self.v))
-    a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)
-    out = (a @ v).transpose(1, 2).reshape(b, c, h, w)
+    out = attention(q, k, v, self.chunk).transpose(1, 2).reshape(b, c, h, w)
     return x + self.proj_out(out)
 
 
@@ -182,10 +192,10 @@ class LambdaFiLM(nn.Module):
 
 # ---- encoder / decoder ------------------------------------------------------------------
 class Head(nn.Module):
-  def __init__(self, ch, embed_dim, groups, attention, film):
+  def __init__(self, ch, embed_dim, groups, attention, film, chunk):
     super().__init__()
     self.res1 = ResBlock(ch, ch, groups)
-    self.attn = AttnBlock(ch, groups) if attention else None
+    self.attn = AttnBlock(ch, groups, chunk=chunk) if attention else None
     self.res2 = ResBlock(ch, ch, groups)
     self.norm_out = GroupNorm(groups, ch)
     self.film = LambdaFiLM(ch) if film else None
@@ -216,13 +226,14 @@ class Encoder(nn.Module):
         setattr(self, f"down{level}_res{i}", ResBlock(ch, c.ch * mult, c.norm_groups))
         ch = c.ch * mult
         if 2 ** level in self.attn_strides:
-          setattr(self, f"down{level}_attn{i}", AttnBlock(ch, c.norm_groups))
+          setattr(self, f"down{level}_attn{i}", AttnBlock(ch, c.norm_groups, chunk=c.attn_chunk))
       widths[2 ** level] = ch
       if level != self.levels - 1:
         setattr(self, f"down{level}_downsample", Downsample(ch))
     for g, s in zip(GRANULARITIES, self.strides):
       setattr(self, f"head_{g}", Head(widths[s], c.embed_dim, c.norm_groups,
-                                      s in tuple(c.head_attn_strides), c.lambda_conditioning))
+                                      s in tuple(c.head_attn_strides), c.lambda_conditioning,
+                                      c.attn_chunk))
 
   def forward(self, x, log_lmbda):
     h = self.conv_in(x)
@@ -249,14 +260,14 @@ class Decoder(nn.Module):
     ch = c.dec_ch * c.dec_ch_mult[-1]
     self.conv_in = Conv(cc, ch, 3)
     self.mid_res1 = ResBlock(ch, ch, g, cc)
-    self.mid_attn = AttnBlock(ch, g, cc)
+    self.mid_attn = AttnBlock(ch, g, cc, c.attn_chunk) if c.dec_mid_attn else None
     self.mid_res2 = ResBlock(ch, ch, g, cc)
     for level in reversed(range(self.levels)):
       for i in range(self.nres + 1):
         setattr(self, f"up{level}_res{i}", ResBlock(ch, c.dec_ch * c.dec_ch_mult[level], g, cc))
         ch = c.dec_ch * c.dec_ch_mult[level]
         if 2 ** level in self.attn_strides:
-          setattr(self, f"up{level}_attn{i}", AttnBlock(ch, g, cc))
+          setattr(self, f"up{level}_attn{i}", AttnBlock(ch, g, cc, c.attn_chunk))
       if level != 0:
         setattr(self, f"up{level}_upsample", Upsample(ch))
     self.norm_out = SpatialNorm(g, ch, cc)
@@ -265,7 +276,10 @@ class Decoder(nn.Module):
   def forward(self, cond, out_hw):
     top = 2 ** (self.levels - 1)
     h = self.conv_in(nearest_resize(cond, (out_hw[0] // top, out_hw[1] // top)))
-    h = self.mid_res2(self.mid_attn(self.mid_res1(h, cond), cond), cond)
+    h = self.mid_res1(h, cond)
+    if self.mid_attn is not None:
+      h = self.mid_attn(h, cond)
+    h = self.mid_res2(h, cond)
     for level in reversed(range(self.levels)):
       for i in range(self.nres + 1):
         h = getattr(self, f"up{level}_res{i}")(h, cond)

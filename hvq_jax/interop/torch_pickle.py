@@ -1,10 +1,15 @@
 """Read a PyTorch `.pt`/`.pth` file of tensors into numpy, without torch and without
 running code from the file.
 
-Metric weights (DISTS's alpha/beta, the FID Inception network) come as torch pickles.
-`torch.load` would need torch, and a pickle from elsewhere may call any function. This
-unpickler admits only what a tensor file holds: dicts, OrderedDicts, storages and
-`torch._utils._rebuild_tensor[_v2]` / `_rebuild_parameter`; anything else is refused.
+Metric weights (DISTS's alpha/beta, the FID Inception network) and released tokenizers
+(taming's and Control-GIC's Lightning checkpoints) come as torch pickles. `torch.load`
+would need torch, and a pickle from elsewhere may call any function. This unpickler
+admits only what a tensor file holds: dicts, OrderedDicts, storages and
+`torch._utils._rebuild_tensor[_v2]` / `_rebuild_parameter` / `_rebuild_from_type_v2` of
+plain tensors; anything else is refused, or, with `inert_unknown` (a Lightning
+checkpoint's callback states, OmegaConf hyper-parameters), becomes an inert placeholder
+(hvq_jax/safe_pickle.py): never imported, never called, dropped with everything but the
+tensors.
 Both torch layouts are read: the zip archive (torch >= 1.6) and the legacy stream
 (magic number, protocol, sys info, the object pickle, storage keys, then each storage
 as an int64 element count followed by its raw little-endian bytes).
@@ -18,12 +23,16 @@ from typing import Any, Dict
 
 import numpy as np
 
+from hvq_jax import safe_pickle
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
     "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "BFloat16Storage": "bfloat16",
 }
+_TENSOR_TYPES = ("torch.Tensor", "torch.nn.parameter.Parameter")
 
 
 class TorchFileError(ValueError):
@@ -32,7 +41,18 @@ class TorchFileError(ValueError):
 
 class _StorageType:
   def __init__(self, name):
-    self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
+    dtype = _STORAGE_DTYPES[name]
+    if dtype == "bfloat16":   # numpy has none; ml_dtypes (a jax dependency) does
+      import ml_dtypes
+      dtype = ml_dtypes.bfloat16
+    self.name, self.dtype = name, np.dtype(dtype)
+
+
+class _TensorType:
+  """torch.Tensor / nn.Parameter as `_rebuild_from_type_v2` names them: a marker."""
+
+  def __init__(self, name):
+    self.name = name
 
 
 class _Storage:
@@ -77,6 +97,13 @@ def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, *unused):
   return data
 
 
+def _rebuild_from_type(func, new_type, args, state=None):
+  """torch's rebuilder of tensor subclasses, for plain tensors and Parameters only."""
+  if isinstance(new_type, _TensorType) and func in _TensorUnpickler._CALLABLES.values():
+    return func(*args)
+  return safe_pickle.inert_class("torch._tensor._rebuild_from_type_v2")(func, new_type, args)
+
+
 class _TensorUnpickler(pickle.Unpickler):
   _CALLABLES = {
       ("collections", "OrderedDict"): collections.OrderedDict,
@@ -85,15 +112,23 @@ class _TensorUnpickler(pickle.Unpickler):
       ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
   }
 
-  def __init__(self, f, storages, read_storage):
+  def __init__(self, f, storages, read_storage, inert_unknown: bool = False):
     super().__init__(f)
     self._storages, self._read_storage = storages, read_storage
+    self.inert_unknown, self.seen_unknown = inert_unknown, []
 
   def find_class(self, module, name):
     if (module, name) in self._CALLABLES:
       return self._CALLABLES[(module, name)]
+    if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+      return _rebuild_from_type
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(name)
+    if f"{module}.{name}" in _TENSOR_TYPES:
+      return _TensorType(f"{module}.{name}")
+    if self.inert_unknown:
+      self.seen_unknown.append(f"{module}.{name}")
+      return safe_pickle.inert_class(f"{module}.{name}")
     raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors")
 
   def persistent_load(self, pid):
@@ -120,7 +155,7 @@ def _resolve(obj):
   return obj
 
 
-def _load_zip(path: str):
+def _load_zip(path: str, inert_unknown: bool):
   with zipfile.ZipFile(path) as z:
     names = z.namelist()
     pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -134,19 +169,19 @@ def _load_zip(path: str):
       raw = z.read(f"{root}data/{key}")
       st.array = np.frombuffer(raw, st.dtype, count=st.numel).copy()
 
-    storages = {}
-    obj = _TensorUnpickler(io.BytesIO(z.read(pkl[0])), storages, read).load()
-    return obj
+    unpickler = _TensorUnpickler(io.BytesIO(z.read(pkl[0])), {}, read, inert_unknown)
+    return unpickler.load(), unpickler.seen_unknown
 
 
-def _load_legacy(path: str):
+def _load_legacy(path: str, inert_unknown: bool):
   with open(path, "rb") as f:
     if _PlainUnpickler(f).load() != LEGACY_MAGIC:
       raise TorchFileError(f"{path}: not a torch file (no zip archive, no legacy magic number)")
     _PlainUnpickler(f).load()   # protocol version
     _PlainUnpickler(f).load()   # sys info: a dict of ints and bools
     storages = {}
-    obj = _TensorUnpickler(f, storages, lambda key, st: None).load()
+    unpickler = _TensorUnpickler(f, storages, lambda key, st: None, inert_unknown)
+    obj = unpickler.load()
     keys = _PlainUnpickler(f).load()
     if not isinstance(keys, list):
       raise TorchFileError(f"{path}: damaged legacy torch file (no storage key list)")
@@ -159,7 +194,7 @@ def _load_legacy(path: str):
       if numel != st.numel or len(raw) != numel * st.dtype.itemsize:
         raise TorchFileError(f"{path}: storage {key!r} is truncated")
       st.array = np.frombuffer(raw, st.dtype).copy()
-    return obj
+    return obj, unpickler.seen_unknown
 
 
 def _check_legacy_header(path):
@@ -168,16 +203,18 @@ def _check_legacy_header(path):
   return head[:1] == b"\x80"
 
 
-def load(path: str) -> Any:
-  """The object a torch file holds (typically a state dict), tensors as numpy arrays."""
+def load(path: str, inert_unknown: bool = False) -> Any:
+  """The object a torch file holds (typically a state dict), tensors as numpy arrays. With
+  `inert_unknown`: (object, the dotted names that became inert placeholders)."""
   try:
     if zipfile.is_zipfile(path):
-      obj = _load_zip(path)
+      obj, inert = _load_zip(path, inert_unknown)
     elif _check_legacy_header(path):
-      obj = _load_legacy(path)
+      obj, inert = _load_legacy(path, inert_unknown)
     else:
       raise TorchFileError(f"{path}: not a torch file")
-    return _resolve(obj)
+    obj = _resolve(obj)
+    return (obj, sorted(set(inert))) if inert_unknown else obj
   except TorchFileError:
     raise
   except (pickle.UnpicklingError, EOFError, struct.error, KeyError, zipfile.BadZipFile,

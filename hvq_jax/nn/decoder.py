@@ -25,6 +25,8 @@ class Decoder(nn.Module):
   out_channels: int = 3
   dtype: Any = jnp.float32
   remat: bool = False             # recompute ResBlock activations in the backward pass
+  attn_chunk: int = 1024          # attention queries at once (layers.attention)
+  mid_attn: bool = True           # the middle block's global attention
 
   @nn.compact
   def __call__(self, cond: jax.Array, out_hw) -> jax.Array:
@@ -40,7 +42,8 @@ class Decoder(nn.Module):
     h = layers.nearest_resize(cond, (H // top, W // top))
     h = layers.conv(self.ch * self.ch_mult[-1], 3, self.dtype, name="conv_in")(h)
     h = layers.ResBlock(h.shape[-1], self.groups, self.dtype, name="mid_res1")(h, cond)
-    h = layers.AttnBlock(self.groups, self.dtype, name="mid_attn")(h, cond)
+    if self.mid_attn:
+      h = layers.AttnBlock(self.groups, self.dtype, self.attn_chunk, name="mid_attn")(h, cond)
     h = layers.ResBlock(h.shape[-1], self.groups, self.dtype, name="mid_res2")(h, cond)
     for level in reversed(range(levels)):
       stride = 2 ** level
@@ -48,7 +51,8 @@ class Decoder(nn.Module):
         h = block(self.ch * self.ch_mult[level], self.groups, self.dtype,
                   name=f"up{level}_res{i}")(h, cond)
         if stride in self.attn_strides:
-          h = layers.AttnBlock(self.groups, self.dtype, name=f"up{level}_attn{i}")(h, cond)
+          h = layers.AttnBlock(self.groups, self.dtype, self.attn_chunk,
+                               name=f"up{level}_attn{i}")(h, cond)
       if level != 0:
         h = layers.Upsample(self.dtype, name=f"up{level}_upsample")(h)
     h = nn.swish(layers.SpatialNorm(self.groups, self.dtype, name="norm_out")(h, cond))

@@ -22,12 +22,13 @@ class Head(nn.Module):
   attention: bool
   lambda_conditioning: bool
   dtype: Any = jnp.float32
+  attn_chunk: int = 1024
 
   @nn.compact
   def __call__(self, h, log_lmbda):
     h = layers.ResBlock(self.features, self.groups, self.dtype, name="res1")(h)
     if self.attention:
-      h = layers.AttnBlock(self.groups, self.dtype, name="attn")(h)
+      h = layers.AttnBlock(self.groups, self.dtype, self.attn_chunk, name="attn")(h)
     h = layers.ResBlock(self.features, self.groups, self.dtype, name="res2")(h)
     h = nn.swish(layers.group_norm(self.groups, self.dtype, name="norm_out")(h))
     if self.lambda_conditioning:
@@ -47,6 +48,7 @@ class Encoder(nn.Module):
   lambda_conditioning: bool
   dtype: Any = jnp.float32
   remat: bool = False             # recompute ResBlock activations in the backward pass
+  attn_chunk: int = 1024          # attention queries at once (layers.attention)
 
   @nn.compact
   def __call__(self, x: jax.Array, log_lmbda: jax.Array) -> Dict[str, jax.Array]:
@@ -62,7 +64,8 @@ class Encoder(nn.Module):
       for i in range(self.num_res_blocks):
         h = block(self.ch * mult, self.groups, self.dtype, name=f"down{level}_res{i}")(h)
         if stride in self.attn_strides:
-          h = layers.AttnBlock(self.groups, self.dtype, name=f"down{level}_attn{i}")(h)
+          h = layers.AttnBlock(self.groups, self.dtype, self.attn_chunk,
+                               name=f"down{level}_attn{i}")(h)
       feats[stride] = h
       if level != len(self.ch_mult) - 1:
         h = layers.Downsample(self.dtype, name=f"down{level}_downsample")(h)
@@ -71,6 +74,7 @@ class Encoder(nn.Module):
       head = Head(feats[s].shape[-1], self.embed_dim, self.groups,
                   attention=s in self.head_attn_strides,
                   lambda_conditioning=self.lambda_conditioning, dtype=self.dtype,
+                  attn_chunk=self.attn_chunk,
                   name=f"head_{g}")
       out[g] = head(feats[s], log_lmbda).astype(jnp.float32)
     return out

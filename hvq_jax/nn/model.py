@@ -72,6 +72,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   need(cfg.rate_straight_through in ("exact", "scaled", "off"),
        f"rate_straight_through must be 'exact', 'scaled' or 'off', got {cfg.rate_straight_through!r}")
   need(cfg.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {cfg.dtype}")
+  need(isinstance(cfg.attn_chunk, int) and cfg.attn_chunk >= 0,
+       f"attn_chunk must be an integer >= 0 (0: all queries at once), got {cfg.attn_chunk!r}")
 
 
 def check_ratios(ratios) -> None:
@@ -98,10 +100,11 @@ class HVQ(nn.Module):
     dtype = jnp.bfloat16 if c.dtype == "bfloat16" else jnp.float32
     self.encoder = Encoder(c.ch, tuple(c.ch_mult), c.num_res_blocks, tuple(c.attn_strides),
                            tuple(c.head_attn_strides), tuple(c.strides), c.embed_dim,
-                           c.norm_groups, c.lambda_conditioning, dtype, c.remat)
+                           c.norm_groups, c.lambda_conditioning, dtype, c.remat,
+                           int(c.attn_chunk))
     self.decoder = Decoder(c.dec_ch, tuple(c.dec_ch_mult), c.dec_num_res_blocks,
                            tuple(c.dec_attn_strides), c.norm_groups, 3, dtype,
-                           c.remat)
+                           c.remat, int(c.attn_chunk), bool(c.dec_mid_attn))
     stages = int(c.rvq_stages)
     # Residual stages quantise residuals: small vectors off the unit sphere, so their
     # codebooks are never normalised and start at the residual scale (rvq_init_scale).

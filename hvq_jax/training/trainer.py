@@ -27,6 +27,8 @@ from hvq_jax.training.optim import guarded_update, is_prior, make_disc_optimizer
 def validate_config(config) -> None:
   model_lib.validate(config.model)
   model_lib.check_ratios(config.granularity.ratios)
+  for r in config.granularity.train_ratios:
+    model_lib.check_ratios(r)
   def err(msg):
     raise model_lib.ConfigError(msg)
   if config.image_size % config.model.strides[0]:
@@ -135,11 +137,19 @@ class Trainer:
       out = out + lc.w_lpips * jnp.mean(self.lpips.apply({"params": self.lpips_params}, x, recon))
     return out
 
-  def _micro_step(self, prior, params, disc_params, step, x, lmbda, k_noise):
+  def sample_ratios(self, rng) -> jax.Array:
+    """The step's granularity ratios [3]: one of granularity.train_ratios (each step its
+    own), or granularity.ratios when that is empty."""
+    g = self.config.granularity
+    if not g.train_ratios:
+      return jnp.asarray(g.ratios, jnp.float32)
+    table = jnp.asarray(g.train_ratios, jnp.float32)
+    return table[jax.random.randint(rng, (), 0, table.shape[0])]
+
+  def _micro_step(self, prior, params, disc_params, step, ratios, x, lmbda, k_noise):
     """Gradients (generator, discriminator) and metrics of one micro-batch, the rate
     priced by `prior` ('hyper' | 'static', `HVQ.__call__`)."""
     cfg, lc = self.config, self.config.loss
-    ratios = jnp.asarray(cfg.granularity.ratios, jnp.float32)
     disc_on = (step >= lc.disc_start).astype(jnp.float32)
     use_gan = lc.w_gan > 0
 
@@ -210,9 +220,11 @@ class Trainer:
     rng, k_noise, k_lam = jax.random.split(state["rng"], 3)
     x = batch.astype(jnp.float32) / 127.5 - 1.0
     lmbda = self.sample_lambdas(k_lam, x.shape[0])
+    # a key of its own (folded from the lambda key) so that one fixed ratio draws nothing
+    ratios = self.sample_ratios(jax.random.fold_in(k_lam, 1))
     accum = int(cfg.train.grad_accum)
     micro = functools.partial(self._micro_step, "static" if phase == "tokenizer" else "hyper",
-                              state["params"], state["disc_params"], state["step"])
+                              state["params"], state["disc_params"], state["step"], ratios)
     if accum == 1:
       grads, d_grads, metrics = micro(x, lmbda, k_noise)
     else:   # scan over micro-batches, averaging gradients and metrics
