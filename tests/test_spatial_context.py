@@ -222,12 +222,29 @@ def test_pytorch_prices_and_decodes_the_same_files(sp_model, tmp_path):
   path = str(tmp_path / "sp.safetensors")
   export.save_torch(params, c, path, coding=cm)
   net = torch_model.from_safetensors(path)
+  # the PyTorch side codes with the export's integer tables: the codec's, array for array
+  tables, fp, codec_cfg = export.load_coding(path)
+  assert fp == cm.fingerprint and set(tables) == set(cm.tables)
+  for k, t in tables.items():
+    mine = cm.tables[k].arrays()
+    assert set(t.arrays()) == set(mine) and any(n.startswith("spatial") for n in mine)
+    for n, a in t.arrays().items():
+      np.testing.assert_array_equal(a, mine[n], err_msg=f"{k} {n}")
   for ratios in (RATIOS, (0.0, 0.5, 0.5), (1.0, 0.0, 0.0)):
     est, x = _estimate(m, params, img, ratios)
     out = net(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2), 0.2, ratios)
     for k, v in est.items():
       np.testing.assert_allclose(out["bits"][k].numpy(), v, rtol=1e-4, atol=1e-3, err_msg=k)
     data = codec.compress(cm, img, lmbda=0.2, ratios=ratios)
+    # every pass's indices and the map decode exactly as on the JAX side
+    header, payload, hw = streams.read_header(data, fp, net.cfg, codec_cfg["max_pixels"])
+    gmap_t, idx_t = streams.decode(tables, net.cfg, int(codec_cfg["z_range"]), header,
+                                   payload, hw)
+    _, idx_j, gmap_j = codec.decode_indices(cm, data)
+    np.testing.assert_array_equal(gmap_t, gmap_j)
+    for k in idx_j:
+      np.testing.assert_array_equal(idx_t[k], idx_j[k], err_msg=k)
+    # pixels: one float decoder in PyTorch, one in XLA, within one level
     got = torch_model.decompress(net, data)
     assert np.abs(got.astype(int) - codec.decompress(cm, data).astype(int)).max() <= 1
 
@@ -276,8 +293,11 @@ def test_the_digest_covers_every_pass(sp_model, monkeypatch):
 # ---- format versions -----------------------------------------------------------------------
 def _old_fingerprint(params, stored_model: dict, codec_cfg: dict) -> bytes:
   """The model fingerprint as format 2's writers computed it, from a stored config that
-  has no `hyperprior.spatial` (written out here, not calling the codec)."""
-  cfg = {k: v for k, v in stored_model.items() if k not in ("dtype", "remat", "rate_chunk")}
+  has no `hyperprior.spatial` (written out here, not calling the codec): compute settings
+  left out, and `dec_mid_attn` at its earlier value."""
+  cfg = {k: v for k, v in stored_model.items()
+         if k not in ("dtype", "remat", "rate_chunk", "attn_chunk")
+         and not (k == "dec_mid_attn" and v is True)}
   h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
   h.update(json.dumps(dict(integer=1, z_range=int(codec_cfg["z_range"]),
                            weight_bits=int(codec_cfg["weight_bits"])), sort_keys=True).encode())
@@ -325,5 +345,5 @@ def test_files_of_format_2_still_decode_and_versions_are_checked(sp_model):
   d3 = codec.compress(cm, img, lmbda=0.2, ratios=(0.3, 0.3, 0.4))
   with pytest.raises(BitstreamError, match="format version 2"):
     codec.decompress(cm, _with_crc(d3[:4] + bytes([2]) + d3[5:-4]))
-  with pytest.raises(BitstreamError, match="format version 4"):
+  with pytest.raises(BitstreamError, match="format version 4 .*newer hvq_jax"):
     codec.decompress(cm, _with_crc(d3[:4] + bytes([4]) + d3[5:-4]))

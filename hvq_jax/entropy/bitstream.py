@@ -88,8 +88,9 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
                          "so it cannot be decoded exactly on another device; this reader "
                          f"decodes version {FORMAT_VERSION}. Compress the original image again.")
   if len(data) >= 5 and data[4] not in KNOWN_VERSIONS:
+    newer = "; a newer hvq_jax wrote it" if data[4] > FORMAT_VERSION else ""
     raise BitstreamError(f"unsupported format version {data[4]} (this reader knows "
-                         f"versions {', '.join(map(str, KNOWN_VERSIONS))})")
+                         f"versions {', '.join(map(str, KNOWN_VERSIONS))}{newer})")
   if len(data) < _HEADER.size + _CRC.size:
     raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
   magic, version, fp, h, w, lmbda, c0, c1, c2, digest, n_words = _HEADER.unpack_from(data)

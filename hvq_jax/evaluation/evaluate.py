@@ -146,6 +146,7 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
   todo = [(n, s) for n in images for s in settings]
   branch_bits = {}    # branch -> [hyperprior y bits, z bits, static bits, indices]
   diag = {}           # branch -> [gaussian bits, mahalanobis, log2 sigma, mode hit] sums
+  pass_bits = {}      # branch -> [[index bits, indices] per spatial pass]
   for name, s in tqdm(todo, desc="hvq", disable=not progress):
     img = images[name]
     hw = img.shape[0] * img.shape[1]
@@ -159,6 +160,9 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
     for k, d in st["branch_bits"].items():
       acc = branch_bits.setdefault(k, np.zeros(4))
       acc += (d["y"], d["z"], priced["per_branch"].get(k, 0.0), d["n"])
+    for k, ps in st["pass_bits"].items():
+      acc = pass_bits.setdefault(k, np.zeros((len(ps), 2)))
+      acc += np.asarray(ps, np.float64)
     for k, v in prior_diagnostics(cmodel, st["indices"], st["priors"]).items():
       diag.setdefault(k, np.zeros(4))[:] += v.sum(0)
     shared = CONTAINER_BITS + st["bits"]["map"]
@@ -199,6 +203,8 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
       per_branch_bits_per_index={
           k: dict(indices=int(n), hyperprior_y=y / n, z=z / n, static=st_ / n,
                   saving_vs_static=1.0 - (y + z) / st_,
+                  **({} if len(pass_bits.get(k, ())) < 2 else dict(
+                      passes_y=[b / max(m, 1) for b, m in pass_bits[k]])),
                   **({} if k not in diag else dict(
                       gaussian_y=diag[k][0] / n, chosen_mahalanobis_rms=diag[k][1] / n,
                       log2_sigma=diag[k][2] / n, chosen_is_mode=diag[k][3] / n)))
@@ -207,7 +213,8 @@ def run(cmodel, images: Dict[str, np.ndarray], settings: List[Dict], out_dir: st
                        "(histogram fitted on the training photos); gaussian_y: the Gaussian "
                        "alone, without the static logits and mixture; chosen_mahalanobis_rms: "
                        "RMS per-dimension |e_k* - mu| / sigma; log2_sigma: mean over dims; "
-                       "chosen_is_mode: the chosen entry was the Gaussian's most likely"),
+                       "chosen_is_mode: the chosen entry was the Gaussian's most likely; "
+                       "passes_y (hyperprior.spatial): index bits per index of each pass"),
       command=command, seconds=time.time() - t0, images=list(images),
       checkpoint_fingerprint=cmodel.fingerprint.hex(),
       static_histogram_fit_on=list(fit_images),
