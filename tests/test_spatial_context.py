@@ -347,3 +347,24 @@ def test_files_of_format_2_still_decode_and_versions_are_checked(sp_model):
     codec.decompress(cm, _with_crc(d3[:4] + bytes([2]) + d3[5:-4]))
   with pytest.raises(BitstreamError, match="format version 4 .*newer hvq_jax"):
     codec.decompress(cm, _with_crc(d3[:4] + bytes([4]) + d3[5:-4]))
+
+
+def test_eval_reports_each_pass(sp_model, tmp_path, monkeypatch):
+  """`hvq eval`'s per-branch table has each pass's bits per index, which average (weighted
+  by the passes' sizes) to the branch's index bits."""
+  from hvq_jax.evaluation import evaluate
+  c, m, params, cm = sp_model
+  monkeypatch.setenv("HVQ_LPIPS_DIR", str(tmp_path / "no_weights"))
+  settings = evaluate.parse_settings("0.2", "0.1,0.4,0.5", cm)
+  ims = {"coffee": images.bundled_photo("coffee")[:64, :96]}
+  s = evaluate.run(cm, ims, settings, str(tmp_path / "out"), ims, (), save_recon=False,
+                   progress=False, dists=False, fid_kid=False)
+  n = layout.num_passes(c.model)
+  data, st = profile.compress(cm, ims["coffee"], lmbda=0.2, ratios=(0.1, 0.4, 0.5))
+  for g, d in s["per_branch_bits_per_index"].items():
+    ps = st["pass_bits"][g]
+    assert len(d["passes_y"]) == n
+    np.testing.assert_allclose(d["passes_y"], [b / max(k, 1) for b, k in ps], rtol=1e-9)
+    sizes = np.array([k for _, k in ps], float)
+    np.testing.assert_allclose((np.array(d["passes_y"]) * sizes).sum() / sizes.sum(),
+                               d["hyperprior_y"], rtol=1e-9)
