@@ -6,7 +6,9 @@
 The image and the stages are those of benchmarks/codec.py (model, pmf, range_coding).
 Each repeat codes the image with every model in turn, so load from other jobs on the
 machine falls on all of them alike; medians and minima per stage, and each model's
-median against the first model's (the ratio of the medians of total time).
+median against the first model's (the ratio of the medians of total time). Also each
+model's float rate estimate (the training rate model, at the file's lambda and ratios)
+against the file's payload bits.
 """
 import argparse
 import json
@@ -15,11 +17,22 @@ import time
 
 import numpy as np
 import jax
+import jax.numpy as jnp
 
 from hvq_jax import codec, images
+from hvq_jax.entropy import bitstream
 from hvq_jax.codec import profile
 
 STAGES = ("total", "model", "pmf", "range_coding")
+
+
+def rate_estimate_bits(m, img) -> float:
+  """The float model's bits for img at the model's default lambda and ratios (what
+  codec.compress codes by default)."""
+  x = jnp.asarray(img, jnp.float32)[None] / 127.5 - 1
+  out = m.model.apply({"params": m.params}, x, jnp.full((1,), m.default_lmbda),
+                      jnp.asarray(m.default_ratios, jnp.float32))
+  return float(sum(float(v[0]) for v in jax.device_get(out["bits"]).values()))
 
 
 def main():
@@ -47,7 +60,10 @@ def main():
              loadavg=os.getloadavg(), models={})
   first = a.checkpoints[0]
   for c in a.checkpoints:
-    r = dict(bytes=len(data[c]), bpp=8 * len(data[c]) / (512 * 768))
+    payload = 8 * (len(data[c]) - bitstream.CONTAINER_BYTES)
+    est = rate_estimate_bits(models[c], img)
+    r = dict(bytes=len(data[c]), bpp=8 * len(data[c]) / (512 * 768), payload_bits=payload,
+             rate_model_bits=est, rate_model_vs_file=est / payload - 1)
     for d in ("encode", "decode"):
       r[f"{d}_median_s"] = {k: stat(rows[c][d], k, np.median) for k in STAGES}
       r[f"{d}_min_s"] = {k: stat(rows[c][d], k, np.min) for k in STAGES}

@@ -1,7 +1,9 @@
 #!/bin/bash
 # The spatial-context measurement: for each seed's frozen staged tokenizer, a fresh prior
 # trained 480 steps (the staged recipe's prior phase) with context coarser + checkerboard
-# ("both") and with context coarser only; each evaluated like results of the recipe study.
+# ("both") and with context coarser only, and (QUAD_SEEDS) coarser + the 2x2 quad; each
+# evaluated like the recipe study's runs.
+#   SEEDS="0 1" QUAD_SEEDS=0 results/spatial_context/run.sh
 set -euo pipefail
 PY=/work/venvs/spatial/bin/python
 W=/work/runs/spatial
@@ -20,9 +22,13 @@ evaluate() {
   [ -e $d/eval/summary.json ] && return
   nice -n 5 $PY -m hvq_jax.cli eval --checkpoint $d --out $d/eval --no-progress $EVAL
 }
-for s in ${SEEDS:-0 1}; do
+for s in ${SEEDS-0 1}; do
   train $s both checkerboard
   train $s coarser none
   evaluate $s both
   evaluate $s coarser
+done
+for s in ${QUAD_SEEDS-0}; do
+  train $s quad quad
+  evaluate $s quad
 done
