@@ -3,7 +3,9 @@
   nice -n 19 python benchmarks/codec_compare.py RUN_A RUN_B [...] [--repeats 9] \
       [--out benchmarks/results/codec_compare.json]
 
-The image and the stages are those of benchmarks/codec.py (model, pmf, range_coding).
+The image and the stages are those of benchmarks/codec.py (model, pmf, range_coding);
+decode also times the entropy decoding alone (`indices`: map, z and every pass's indices)
+and in it the integer prior (`prior`: hyper-synthesis and context convs).
 Each repeat codes the image with every model in turn, so load from other jobs on the
 machine falls on all of them alike; medians and minima per stage, and each model's
 median against the first model's (the ratio of the medians of total time). Also each
@@ -21,9 +23,9 @@ import jax.numpy as jnp
 
 from hvq_jax import codec, images
 from hvq_jax.entropy import bitstream
-from hvq_jax.codec import profile
+from hvq_jax.codec import coder, profile
 
-STAGES = ("total", "model", "pmf", "range_coding")
+STAGES = ("total", "model", "pmf", "range_coding", "indices", "prior")
 
 
 def rate_estimate_bits(m, img) -> float:
@@ -54,7 +56,12 @@ def main():
       rows[c]["encode"].append(dict(st["seconds"], total=time.perf_counter() - t))
       t = time.perf_counter()
       _, seconds = profile.decompress(m, data[c])
-      rows[c]["decode"].append(dict(seconds, total=time.perf_counter() - t))
+      total = time.perf_counter() - t
+      timer = profile.StageTimer()   # the indices alone: the integer prior is its "model"
+      t = time.perf_counter()
+      coder.decode_indices(m, data[c], timer)
+      rows[c]["decode"].append(dict(seconds, total=total, indices=time.perf_counter() - t,
+                                    prior=timer.seconds.get("model", 0.0)))
   stat = lambda rs, k, f: float(f([r.get(k, 0.0) for r in rs]))
   out = dict(image="retina crop 768x512", backend=jax.default_backend(), repeats=a.repeats,
              loadavg=os.getloadavg(), models={})
