@@ -353,6 +353,10 @@ class Checkpointer:
   def wait(self):
     self._mngr.wait_until_finished()
 
+  def reload(self):
+    """Forget the cached step list (after another process moved steps)."""
+    self._mngr.reload()
+
   def close(self):
     self._mngr.close()
 

@@ -165,18 +165,51 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
   such as gs://...): EMA params when the run kept them, onto one device. Restores the
   params subtree only, with the shapes and dtypes stored in the checkpoint: a local one
   through TensorStore without Orbax (`checkpoint.read_params`), otherwise through Orbax
-  with the structure the checkpoint's metadata lists."""
+  with the structure the checkpoint's metadata lists. Both verify the params and the
+  config against the step's checksums; a damaged step raises CheckpointCorrupt in one
+  line naming it and the steps to choose from instead (it never falls back by itself: a
+  codec must not code with a model other than the one asked for)."""
   d = ckpt_lib.find_checkpoints(ckpt_dir)
   if d is None:
     raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+  if step is not None and not _has_step(d, step):
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint step {step} (steps: {_steps_text(d)})")
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  found = ckpt_lib.local_step_config(d, step)
-  if found is not None:
-    config = upgrade.upgrade(found[1])
-    params = ckpt_lib.read_params(d, found[0], _params_key(config))
-    if params is not None:
-      return config, jax.device_put(params, one)
-  return _restore_with_orbax(ckpt_dir, d, step, one)
+  try:
+    found = ckpt_lib.local_step_config(d, step)
+    if found is not None:
+      config = upgrade.upgrade(found[1])
+      params = ckpt_lib.read_params(d, found[0], _params_key(config))
+      if params is not None:
+        return config, jax.device_put(params, one)
+    return _restore_with_orbax(ckpt_dir, d, step, one)
+  except ckpt_lib.CheckpointCorrupt as e:
+    raise ckpt_lib.CheckpointCorrupt(
+        f"{e}; the step is damaged: choose another with --step N (steps: {_steps_text(d)})"
+    ) from None
+
+
+def _step_names(d: str):
+  """Finalised step numbers in a checkpoints folder, newest first (no Orbax)."""
+  try:
+    if ckpt_lib.is_url(d):
+      from etils import epath
+      names = [p.name for p in epath.Path(d).iterdir()]
+    else:
+      import os
+      names = os.listdir(d)
+  except OSError:
+    return []
+  return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+
+
+def _has_step(d: str, step: int) -> bool:
+  return int(step) in _step_names(d)
+
+
+def _steps_text(d: str) -> str:
+  steps = _step_names(d)
+  return ", ".join(map(str, steps)) if steps else "none"
 
 
 def _params_key(config) -> str:
@@ -187,7 +220,7 @@ def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_in
   """`load_params` through Orbax's CheckpointManager; `from_init`: the shapes from
   `jax.eval_shape` of the model's init: the fallback for a checkpoint whose metadata does
   not list the params as a tree of arrays, and the reference the tests compare with)."""
-  ck = ckpt_lib.Checkpointer(d, async_save=False)
+  ck = ckpt_lib.Checkpointer(d, async_save=False, read_only=True)
   try:
     if ck.latest_step() is None:
       raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
@@ -203,6 +236,12 @@ def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_in
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                               abstract)
       params = ck.restore_params(step, {key: abstract})[key]
+  except (CheckpointError, ckpt_lib.CheckpointCorrupt):
+    raise
+  except Exception as e:   # noqa: BLE001 (Orbax / TensorStore: the step cannot be read)
+    shown = ck.latest_step() if step is None else step
+    raise ckpt_lib.CheckpointCorrupt(f"{ckpt_lib.where(d, shown)}: cannot be read "
+                                     f"({ckpt_lib.integrity.describe_error(e)})") from None
   finally:
     ck.close()
   return config, params
