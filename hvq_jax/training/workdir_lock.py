@@ -239,7 +239,7 @@ class WorkdirLock:
     self._held = None
 
   def __enter__(self):
-    return self.acquire()
+    return self if self._held is not None else self.acquire()
 
   def __exit__(self, *exc):
     self.release()
@@ -252,6 +252,12 @@ class _Follower:
     pass
 
   def release(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
     pass
 
 
