@@ -166,8 +166,11 @@ class Harness:
         json.dump(h, f)
       desc.update(kind="lock", holder=holder, steps=[])
       return desc
+    parts = []
     for step in steps:
       step_dir = os.path.join(ck_dir, str(step))
+      desc = dict(fault=str(fault), steps=steps)
+      parts.append(desc)
       if fault == "delete_folder":
         folder = str(rng.choice(FOLDERS))
         target = os.path.normpath(os.path.join(step_dir, folder))
@@ -208,7 +211,10 @@ class Harness:
         with open(path, "wb") as f:
           f.write(bytes(data))
       desc.update(kind=kind, file=rel, size=n)
-    return desc
+    # the newest step's damage names the case; every step's is kept
+    out = dict(parts[0], damage=[{k: v for k, v in p.items() if k not in ("fault", "steps")}
+                                 for p in parts])
+    return out
 
   # ---- outcomes ------------------------------------------------------------------------
   def classify_error(self, e: BaseException) -> str:

@@ -165,6 +165,26 @@ def _unfinished(directory: str):
   return sorted(n for n in names if TMP_SUFFIX in n)
 
 
+def _silence_stray_reads() -> None:
+  """After a failed Orbax restore, its other reads still finish in the background and
+  report on an event loop Orbax has closed: asyncio logs "Future exception was never
+  retrieved" and TensorStore's callbacks print "Event loop is closed" tracebacks, pages
+  of them for one damaged file that is already named in one line. Dropped from then on."""
+  import logging
+  import sys
+  if getattr(_silence_stray_reads, "done", False):
+    return
+  _silence_stray_reads.done = True
+  logging.getLogger("asyncio").addFilter(
+      lambda r: "Future exception was never retrieved" not in str(r.msg))
+  previous = sys.unraisablehook
+  def hook(u):
+    if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+      return
+    previous(u)
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """`read_only`: a reader (the codec commands, `train.init_from`): it never creates the
   folder nor removes a writer's unfinished saves."""
@@ -232,6 +252,7 @@ class Checkpointer:
     return read_integrity(self.directory, step)
 
   def _damage(self, step, item: str, e: BaseException) -> CheckpointCorrupt:
+    _silence_stray_reads()
     return CheckpointCorrupt(f"{self.where(step)}: {item}: cannot be read "
                              f"({integrity.describe_error(e)})")
 
