@@ -97,8 +97,18 @@ def leaves(tree) -> Dict[str, Any]:
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def host_leaves(tree) -> Dict[str, np.ndarray]:
+  """{key path: the whole array on this host}: one `device_get` for all fully addressable
+  leaves (their copies overlap), a gather for each array split over processes."""
+  import jax
+  flat = leaves(tree)
+  split = {k for k, v in flat.items() if isinstance(v, jax.Array) and not v.is_fully_addressable}
+  local = jax.device_get({k: v for k, v in flat.items() if k not in split})
+  return {k: host_array(v) if k in split else np.asarray(local[k]) for k, v in flat.items()}
+
+
 def state_entries(tree) -> Dict[str, Dict[str, Any]]:
-  return {k: array_entry(host_array(v)) for k, v in leaves(tree).items()}
+  return {k: array_entry(a) for k, a in host_leaves(tree).items()}
 
 
 def record(state, data_crcs: Optional[Dict[str, int]], config: Optional[dict]) -> dict:
@@ -143,11 +153,10 @@ def verify_arrays(body: dict, tree, where: str, item: str = "state") -> None:
   """Raise CheckpointCorrupt naming the first array of `tree` (restored) whose bytes differ
   from the recorded checksum. Arrays restored to another dtype than saved are skipped."""
   bad = []
-  for k, v in leaves(tree).items():
+  for k, a in host_leaves(tree).items():
     rec = body["state"].get(k)
     if rec is None:
       continue
-    a = host_array(v)
     if str(a.dtype) != rec["dtype"]:
       continue
     if (list(a.shape) != list(rec["shape"])
