@@ -57,18 +57,23 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     raise model_lib.ConfigError(
         f"config.train.max_bad_steps must be >= 1, got {config.train.max_bad_steps}")
   workdir = ckpt_lib.normalize(workdir)
-  is_main = jax.process_index() == 0
-  tc = config.train
-  # One writer per workdir, taken before anything is written (Orbax's removal of an
-  # interrupted run's unfinished saves included): a second run refuses, naming this one.
+  # One writer per workdir, from before anything is written (Orbax's removal of an
+  # interrupted run's unfinished saves included) to the held-out report: a second run
+  # refuses, naming this one.
   lock = workdir_lock.hold(workdir)
   try:
-    ckpt = ckpt_lib.Checkpointer(ckpt_lib.join(workdir, "checkpoints"), keep=tc.keep,
-                                 keep_best=tc.keep_best, best_metric="loss",
-                                 async_save=tc.async_checkpoint)
-  except BaseException:
+    return _train_and_evaluate(config, workdir, progress, allow_config_change, trainer, lock)
+  finally:
     lock.release()
-    raise
+
+
+def _train_and_evaluate(config, workdir: str, progress: bool, allow_config_change: bool,
+                        trainer: Trainer, lock) -> Dict[str, Any]:
+  is_main = jax.process_index() == 0
+  tc = config.train
+  ckpt = ckpt_lib.Checkpointer(ckpt_lib.join(workdir, "checkpoints"), keep=tc.keep,
+                               keep_best=tc.keep_best, best_metric="loss",
+                               async_save=tc.async_checkpoint)
   writer = None
   preemption = None
   try:
@@ -89,10 +94,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
   finally:
     if preemption is not None:
       preemption.close()
-    try:
-      ckpt.close()    # waits for a save in flight: a failure above keeps the saves before it
-    finally:
-      lock.release()
+    ckpt.close()      # waits for a save in flight: a failure above keeps the saves before it
 
   results = {}
   if config.eval.enabled and not preempted:
