@@ -3,7 +3,9 @@
 Async saves; keep the newest `keep` and the best `keep_best` by a metric (finite values
 only); atomic by Orbax's temporary-directory-then-rename protocol (on object stores, a
 commit marker), so a kill during a save leaves the previous checkpoint readable (the
-half-written one is ignored).
+half-written one is ignored). Every save records checksums of what it holds and every
+restore checks them (`checkpoint_integrity.py`): a damaged step raises CheckpointCorrupt,
+one line naming the step, the item and what is wrong.
 
 Directories may be local paths or URLs (`gs://bucket/run/checkpoints`): URLs are passed
 to Orbax as they are (it writes them through TensorStore and etils.epath), local paths
@@ -22,15 +24,15 @@ import warnings
 from typing import Any, Dict, Optional, Tuple
 
 
-def jax_process_index() -> int:
-  import jax
-  return jax.process_index()
-
-
 from hvq_jax import checkpoint_integrity as integrity
 from hvq_jax.checkpoint_integrity import CheckpointCorrupt  # noqa: F401  (re-exported)
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"   # Orbax's unfinished saves: `<step>.orbax-checkpoint-tmp*`
+
+
+def jax_process_index() -> int:
+  import jax
+  return jax.process_index()
 
 
 class CheckpointMismatch(ValueError):
@@ -493,8 +495,10 @@ def local_step_config(directory: str, step: Optional[int] = None) -> Optional[Tu
 
 def read_params(directory: str, step: int, key: str = "params") -> Optional[dict]:
   """Subtree `key` of step `step`'s `state` item as nested dicts of numpy arrays, read
-  straight through TensorStore from a local checkpoints folder; None when the checkpoint
-  is not laid out as `local_step_config` describes (or any read fails)."""
+  straight through TensorStore from a local checkpoints folder, checked against the
+  step's checksums; None when the checkpoint is not laid out as `local_step_config`
+  describes, or a read fails in a step without checksums (Orbax then says what is wrong).
+  A step with checksums whose arrays fail to read or to verify raises CheckpointCorrupt."""
   if is_url(directory):
     return None
   body = read_integrity(normalize(directory), int(step))
