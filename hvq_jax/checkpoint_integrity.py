@@ -1,8 +1,9 @@
 """Checksums of what a checkpoint holds, recorded by every save and checked by every restore.
 
 Why this is not left to Orbax: Orbax 0.12 and TensorStore 0.1 (as installed) check the
-structure they walk, not the array bytes. OCDBT checks its own manifest and b-tree nodes
-(a damaged one fails to decode), but the values those nodes point to are raw bytes; the
+structure they walk, not the array bytes. OCDBT ends its manifest, version-tree and
+B+tree nodes in a CRC-32C (TensorStore's OCDBT format spec), so a damaged node fails to
+decode, but the out-of-line values those nodes point to (the arrays) are raw bytes; the
 zarr v2 chunks Orbax writes by default carry no checksum, and zarr v3's crc32c (Orbax's
 `use_zarr3`) covers only the shard index. A flipped byte in array data reads back as
 another number, with no error. Neither checks the JSON items (config, data iterator).
