@@ -241,3 +241,32 @@ def test_fault_harness_sample(tmp_path):
   bad = [r for r in results if faults.failed(r)]
   assert not bad, bad[:3]
   assert {r["resume"] for r in results} <= {"refused", "resumed_intact"}
+
+
+@pytest.mark.parametrize("url", [False, True])
+@pytest.mark.parametrize("stale", [False, True])
+def test_racing_lock_takers_one_wins(tmp_path, url, stale):
+  """Eight takers at once, of a fresh lock or of one stale lock: exactly one holds it."""
+  import threading
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  if stale:
+    json.dump(dict(host=socket.gethostname(), pid=2 ** 22 + 9, started=0, lease_until=0),
+              open(os.path.join(wd, workdir_lock.LOCK_NAME), "w"))
+  won, lost, go = [], [], threading.Barrier(8)
+  def take():
+    go.wait()
+    try:
+      won.append(workdir_lock.WorkdirLock(("file://" + wd) if url else wd).acquire())
+    except workdir_lock.WorkdirLocked as e:
+      lost.append(str(e))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    threads = [threading.Thread(target=take) for _ in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  assert len(won) == 1 and len(lost) == 7, lost
+  assert json.load(open(os.path.join(wd, workdir_lock.LOCK_NAME)))["token"] == won[0]._token
+  won[0].release()

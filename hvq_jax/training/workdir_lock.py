@@ -6,10 +6,12 @@ naming the holder. A stale lock is taken over with a warning: its holder's pid i
 this host, or (another host's holder) its lease has expired.
 
 How the create-if-absent is made atomic, and its limits:
-* Local folders: `os.open(O_CREAT | O_EXCL)`; renewing and taking over happen under
-  `fcntl.flock` on `train.lock.guard` (read, check, replace in one critical section). This
-  holds on local disks and on network file systems with working O_EXCL and flock
-  (NFSv4, Lustre mounted with flock); elsewhere two takers of one stale lock may race.
+* Local folders: a fully written temp file hard-linked to the lock's name (atomic
+  create-if-absent like `O_CREAT | O_EXCL`, which is the fallback where there are no hard
+  links); renewing and taking over happen under `fcntl.flock` on `train.lock.guard`
+  (read, check, replace in one critical section). This holds on local disks and on
+  network file systems with atomic link/O_EXCL and working flock (NFSv4, Lustre mounted
+  with flock); elsewhere two takers of one stale lock may race.
 * URLs (gs://, s3://, file://): TensorStore's key-value store with a conditional write
   (`if_equal` the generation read: on GCS `ifGenerationMatch`), so creating, renewing and
   taking over are compare-and-swap on the object store itself.
@@ -78,6 +80,19 @@ class _LocalStore:
     self.path = path
 
   def create(self, data: bytes) -> bool:
+    """Create-if-absent with the whole content: a fully written temp file hard-linked to
+    the lock's name (atomic like O_CREAT|O_EXCL, and never seen half-written); O_EXCL
+    where the file system has no hard links."""
+    tmp = self._write_tmp(data)
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError:   # no hard links here (some FUSE / SMB mounts)
+      pass
+    finally:
+      os.unlink(tmp)
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -87,6 +102,14 @@ class _LocalStore:
       f.flush()
       os.fsync(f.fileno())
     return True
+
+  def _write_tmp(self, data: bytes) -> str:
+    tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    return tmp
 
   def read(self) -> Optional[bytes]:
     try:
@@ -106,12 +129,7 @@ class _LocalStore:
         if data is None:
           os.unlink(self.path)
           return True
-        tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-          f.write(data)
-          f.flush()
-          os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        os.replace(self._write_tmp(data), self.path)
         return True
       finally:
         fcntl.flock(g, fcntl.LOCK_UN)
