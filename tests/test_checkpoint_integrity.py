@@ -270,3 +270,30 @@ def test_racing_lock_takers_one_wins(tmp_path, url, stale):
   assert len(won) == 1 and len(lost) == 7, lost
   assert json.load(open(os.path.join(wd, workdir_lock.LOCK_NAME)))["token"] == won[0]._token
   won[0].release()
+
+
+def test_two_processes_verify_fall_back_and_lock(tmp_path):
+  """A state split over two processes (FSDP over 8 devices): one lock for the run (the
+  second taker refuses on both), checksums of the split arrays agree between save and
+  restore, a damaged newest step is skipped on both and the older one restores."""
+  import subprocess
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  worker = os.path.join(os.path.dirname(__file__), "multiprocess_checkpoint_worker.py")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = str(tmp_path / "out")
+  procs = [subprocess.Popen([sys.executable, worker, str(tmp_path / "wd"), str(i), str(port),
+                             out], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  r = [json.load(open(f"{out}.{i}.json")) for i in range(2)]
+  assert "in use by another training run" in r[0]["second_lock"]
+  assert "process 0 could not take" in r[1]["second_lock"]
+  assert [x["start"] for x in r] == [0, 0] and all(x["equal"] for x in r)
+  assert all(x["steps_after"] == [0] for x in r)
+  assert "checkpoint step 4" in r[0]["warnings"][0]
+  assert os.path.isdir(tmp_path / "wd" / "checkpoints.damaged" / "4")
