@@ -205,7 +205,8 @@ class WorkdirLock:
       why = stale_reason(h)
       if why is None:
         raise WorkdirLocked(f"{self.workdir} is in use by another training run ({_describe(h)}; "
-                            f"lock {self.path}): wait for it to finish, or stop it")
+                            f"lock {self.path}): wait for it to finish, or stop it (if no "
+                            f"run uses this workdir, delete the lock)")
       if self._store.replace(old, data):
         self.took_over = (f"{self.workdir}: took over a stale lock "
                           f"({_describe(h) if h else 'unknown holder'}: {why})")
