@@ -224,9 +224,10 @@ def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_in
   try:
     if ck.latest_step() is None:
       raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
-    config = upgrade.upgrade(ck.restore_config(step))
+    shown = ck.latest_step() if step is None else step
+    config = upgrade.upgrade(_read(d, shown, lambda: ck.restore_config(step)))
     key = _params_key(config)
-    params = None if from_init else ck.restore_subtree(step, key, one)
+    params = None if from_init else _read(d, shown, lambda: ck.restore_subtree(step, key, one))
     if params is None:
       from hvq_jax.nn import model as model_lib
       model = model_lib.build(config.model)
@@ -235,16 +236,21 @@ def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_in
                                 jax.random.PRNGKey(0))
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                               abstract)
-      params = ck.restore_params(step, {key: abstract})[key]
-  except (CheckpointError, ckpt_lib.CheckpointCorrupt):
-    raise
-  except Exception as e:   # noqa: BLE001 (Orbax / TensorStore: the step cannot be read)
-    shown = ck.latest_step() if step is None else step
-    raise ckpt_lib.CheckpointCorrupt(f"{ckpt_lib.where(d, shown)}: cannot be read "
-                                     f"({ckpt_lib.integrity.describe_error(e)})") from None
+      params = _read(d, shown, lambda: ck.restore_params(step, {key: abstract}))[key]
   finally:
     ck.close()
   return config, params
+
+
+def _read(d: str, step, read):
+  """`read()` (an Orbax read of step `step`), any failure of it as CheckpointCorrupt."""
+  try:
+    return read()
+  except ckpt_lib.CheckpointCorrupt:
+    raise
+  except Exception as e:   # noqa: BLE001 (Orbax / TensorStore: the step cannot be read)
+    raise ckpt_lib.CheckpointCorrupt(f"{ckpt_lib.where(d, step)}: cannot be read "
+                                     f"({ckpt_lib.integrity.describe_error(e)})") from None
 
 
 def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:
