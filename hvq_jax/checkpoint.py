@@ -167,6 +167,44 @@ def _unfinished(directory: str):
   return sorted(n for n in names if TMP_SUFFIX in n)
 
 
+def _step_numbers(directory: str):
+  try:
+    if not is_url(directory):
+      names = os.listdir(directory)
+    else:
+      from etils import epath
+      names = [c.name for c in epath.Path(directory).iterdir()]
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _damaged_step_metadata(directory: str):
+  """[(step, why)] for the steps whose `_CHECKPOINT_METADATA` parses as JSON but not as
+  Orbax's step metadata (unparseable JSON Orbax logs and passes over)."""
+  from orbax.checkpoint._src.metadata import step_metadata_serialization as sms
+  out = []
+  for step in _step_numbers(directory):
+    try:
+      text = _read_text(join(directory, str(step), "_CHECKPOINT_METADATA"))
+      meta = json.loads(text) if text else None
+    except (OSError, ValueError, UnicodeDecodeError):
+      continue
+    try:
+      if meta is not None:
+        sms.deserialize(meta)
+    except Exception as e:   # noqa: BLE001
+      out.append((step, integrity.describe_error(e)))
+  return out
+
+
+def _sync(name: str) -> None:
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _silence_stray_reads() -> None:
   """After a failed Orbax restore, its other reads still finish in the background and
   report on an event loop Orbax has closed: asyncio logs "Future exception was never
@@ -216,12 +254,38 @@ class Checkpointer:
         preservation_policy=cm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only, read_only=read_only)
-    self._mngr = ocp.CheckpointManager(
+    make = lambda: ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler(),
                        integrity.ITEM: ocp.JsonCheckpointHandler()})
+    try:
+      self._mngr = make()
+    except Exception:   # noqa: BLE001 (Orbax reads every step's metadata here)
+      self._mngr = self._without_damaged_metadata(make, read_only)
+
+  def _without_damaged_metadata(self, make, read_only: bool):
+    """The manager, once the steps whose `_CHECKPOINT_METADATA` Orbax cannot read (it
+    reads them all on creation, and one bad file stops it) are moved aside with a warning:
+    a writer does so while another step's metadata reads, and refuses otherwise (so no
+    damage ever makes a run start afresh); a reader refuses, naming the step."""
+    bad = _damaged_step_metadata(self.directory)
+    steps = _step_numbers(self.directory)
+    if not bad:
+      raise
+    if read_only or len(bad) == len(steps):
+      step, why = bad[0]
+      raise CheckpointCorrupt(f"{self.where(step)}: step metadata: cannot be read ({why})"
+                              + ("; choose another step with --step N" if read_only else
+                                 f"; no step of {self.directory} has readable metadata"))
+    if jax_process_index() == 0:
+      for step, why in bad:
+        dest = self._move_aside(step)
+        warnings.warn(f"{self.where(step)}: step metadata: cannot be read ({why}); moved to "
+                      f"{dest}", stacklevel=3)
+    _sync("set aside steps with damaged metadata")
+    return make()
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -261,6 +325,11 @@ class Checkpointer:
   def set_aside(self, step: int) -> str:
     """Move a damaged step out of the way (never delete it): to `<folder>.damaged/<step>`,
     where Orbax neither lists nor prunes it and a new save of that step is possible."""
+    dest = self._move_aside(step)
+    self._mngr.reload()
+    return dest
+
+  def _move_aside(self, step: int) -> str:
     from etils import epath
     src = epath.Path(self.directory) / str(int(step))
     dest_dir = epath.Path(self.directory + ".damaged")
@@ -269,7 +338,6 @@ class Checkpointer:
     while dest.exists():
       dest, n = dest_dir / f"{int(step)}-{n}", n + 1
     src.rename(dest)
-    self._mngr.reload()
     return str(dest)
 
   def data_file(self, step: int, process_index: Optional[int] = None,
