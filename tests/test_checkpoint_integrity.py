@@ -297,3 +297,21 @@ def test_two_processes_verify_fall_back_and_lock(tmp_path):
   assert all(x["steps_after"] == [0] for x in r)
   assert "checkpoint step 4" in r[0]["warnings"][0]
   assert os.path.isdir(tmp_path / "wd" / "checkpoints.damaged" / "4")
+
+
+def test_unreadable_step_metadata_is_moved_aside_by_a_writer_only(tmp_path):
+  """Orbax reads every step's `_CHECKPOINT_METADATA` when it opens the folder: one that
+  parses but is not step metadata stopped it. A writer now sets that step aside (another
+  step reads), a reader names it."""
+  wd = make(tmp_path)
+  meta = os.path.join(wd, "checkpoints", "4", "_CHECKPOINT_METADATA")
+  m = json.load(open(meta))
+  m["perfor}ance_metrics"] = m.pop("performance_metrics")
+  json.dump(m, open(meta, "w"))
+  with pytest.raises(ckpt_lib.CheckpointCorrupt, match="step 4 .*step metadata.*--step"):
+    ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True)
+  with pytest.warns(UserWarning, match="step 4 .*step metadata: cannot be read"):
+    state, start = resume_from(wd)
+  assert start == 0
+  assert_same(state, synthetic_state(0))
+  assert json.load(open(os.path.join(wd, "checkpoints.damaged", "4", "_CHECKPOINT_METADATA"))) == m
