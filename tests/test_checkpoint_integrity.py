@@ -306,7 +306,9 @@ def test_unreadable_step_metadata_is_moved_aside_by_a_writer_only(tmp_path):
   wd = make(tmp_path)
   meta = os.path.join(wd, "checkpoints", "4", "_CHECKPOINT_METADATA")
   m = json.load(open(meta))
+  # a flipped bit in a key, where custom metadata is not empty: Orbax raises
   m["perfor}ance_metrics"] = m.pop("performance_metrics")
+  m["custom_metadata"] = {"note": "x"}
   json.dump(m, open(meta, "w"))
   with pytest.raises(ckpt_lib.CheckpointCorrupt, match="step 4 .*step metadata.*--step"):
     ckpt_lib.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True)
