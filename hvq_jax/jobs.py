@@ -37,6 +37,7 @@ class Coder:
                options: Optional[dict] = None, budget_gb: float = 0.0):
     from hvq_jax import codec
     self.cmd, self.options = cmd, dict(options or {})
+    step = self.options.pop("step", None)   # which checkpoint step, not a coding option
     if cmd == "decompress" and backend == "torch":
       from hvq_jax.interop import export, torch_model
       net = torch_model.from_safetensors(checkpoint)
@@ -44,7 +45,7 @@ class Coder:
       self.model = None
       self._decode = lambda data: torch_model.decompress(net, data)
     else:
-      self.model = codec.load_model(checkpoint)
+      self.model = codec.load_model(checkpoint, step)
       if budget_gb > 0:
         self.model.codec["memory_budget_gb"] = budget_gb
       self._decode = lambda data: codec.decompress(self.model, data)

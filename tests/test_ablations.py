@@ -61,14 +61,15 @@ def test_hyperprior_off_codes_with_the_static_histogram():
 
 
 def _entries(cm, key):
-  return np.asarray(cm.model.apply({"params": cm.params}, key,
-                                   method=model_lib.HVQ.codebook_entries), np.float64)
+  entries = jax.jit(lambda p: cm.model.apply(p, key, method=model_lib.HVQ.codebook_entries))
+  return np.asarray(entries({"params": cm.params}), np.float64)
 
 
 def _normalize(v):
   return v / np.sqrt((v * v).sum(-1, keepdims=True) + 1e-6)
 
 
+@pytest.mark.slow   # about a minute of compiles; the fast suite keeps the parts
 def test_residual_vq_codes_every_stage():
   """Stage 1 quantises what stage 0 left (numpy argmin), both stages' streams round-trip,
   and the decoder sees the sum of the two entries."""
@@ -77,9 +78,9 @@ def test_residual_vq_codes_every_stage():
                                             "fine", "fine_s1"]
   lat = codec.encode_latents(cm, img, cm.default_lmbda, cm.default_ratios)
   xp = codec.pad_image(img, cm.cfg.strides[0])[None].astype(np.float32) / 127.5 - 1.0
-  a = jax.device_get(cm.model.apply({"params": cm.params}, xp, np.full((1,), cm.default_lmbda),
-                                    np.asarray(cm.default_ratios, np.float32),
-                                    method=model_lib.HVQ.analyze))
+  analyze = jax.jit(lambda p, *a: cm.model.apply(p, *a, method=model_lib.HVQ.analyze))
+  a = jax.device_get(analyze({"params": cm.params}, xp, np.full((1,), cm.default_lmbda),
+                             np.asarray(cm.default_ratios, np.float32)))
   for g in ("coarse", "medium", "fine"):
     y = _normalize(np.asarray(a["y"][g], np.float64))
     e0, e1 = (_entries(cm, k) for k in (g, f"{g}_s1"))
@@ -100,8 +101,9 @@ def test_residual_vq_codes_every_stage():
   for b, g, _ in cm.branches:
     q[g] = q[g] + _entries(cm, b)[dec_idx[b]]
   hw = xp.shape[1:3]
-  want = cm.model.apply({"params": cm.params}, q, gmap, hw, method=model_lib.HVQ.synthesize)
-  got = cm.model.apply({"params": cm.params}, dec_idx, gmap, hw, method=model_lib.HVQ.decode_latents)
+  run = lambda method: jax.jit(lambda p, a, m: cm.model.apply(p, a, m, hw, method=method))
+  want = run(model_lib.HVQ.synthesize)({"params": cm.params}, q, gmap)
+  got = run(model_lib.HVQ.decode_latents)({"params": cm.params}, dec_idx, gmap)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 

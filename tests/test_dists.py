@@ -12,6 +12,7 @@ import os
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -103,7 +104,7 @@ def test_matches_dists_pytorch(vgg, reference):
   for name, (a, b) in _pairs().items():
     with torch.no_grad():
       want = float(reference(to_t(a), to_t(b)))
-    got = float(module.apply({"params": params}, np.float32(a)[None] / 255, np.float32(b)[None] / 255)[0])
+    got = float(jax.jit(module.apply)({"params": params}, np.float32(a)[None] / 255, np.float32(b)[None] / 255)[0])
     assert abs(got - want) < 1e-4, (name, got, want)
     assert 0.02 < want < 0.6, (name, want)   # a real distortion, not a degenerate pair
 

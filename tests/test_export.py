@@ -33,7 +33,7 @@ def test_torch_model_matches_jax(micro_codec, exported, name, crop):
   img = images.bundled_photo(name)[crop]
   x = img.astype(np.float32)[None] / 127.5 - 1.0
   cm = micro_codec
-  ref = jax.device_get(cm.model.apply({"params": cm.params}, jnp.asarray(x),
+  ref = jax.device_get(jax.jit(cm.model.apply)({"params": cm.params}, jnp.asarray(x),
                                       jnp.full((1,), cm.default_lmbda),
                                       jnp.asarray(cm.default_ratios, jnp.float32)))
   out = net(torch.from_numpy(x).permute(0, 3, 1, 2))
@@ -71,7 +71,7 @@ def test_torch_model_matches_jax_on_ablation_tokenizers(variant, tmp_path):
   export.save_torch(params, c, path)
   net = from_safetensors(path)
   x = images.bundled_photo("rocket")[:48, :80].astype(np.float32)[None] / 127.5 - 1.0
-  ref = jax.device_get(mdl.apply({"params": params}, jnp.asarray(x), jnp.full((1,), 0.2),
+  ref = jax.device_get(jax.jit(mdl.apply)({"params": params}, jnp.asarray(x), jnp.full((1,), 0.2),
                                  jnp.asarray([0.2, 0.3, 0.5], jnp.float32)))
   out = net(torch.from_numpy(x).permute(0, 3, 1, 2), 0.2, (0.2, 0.3, 0.5))
   assert sorted(out["indices"]) == sorted(ref["indices"])

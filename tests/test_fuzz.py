@@ -21,7 +21,7 @@ from hvq_jax.entropy.bitstream import BitstreamError
 # Measured on a 2-core CPU shared with other jobs (load 4-5): setup (3 models, 2 sizes: 6
 # encoder programs to compile) 33 s with a cold compilation cache, 15 s warm, then about
 # 500 mutations/s; with 4,000 the whole file takes 50 s cold, 30 s warm.
-N_MUTATIONS = 4000
+N_MUTATIONS = 1500
 SIZES = ((16, 16), (29, 45))
 
 

@@ -163,3 +163,29 @@ def test_compress_from_gs_workdir(gs_run, tmp_path, monkeypatch):
                    "--no-progress"]) == 0
   assert out.stat().st_size > 0
   assert os.listdir(cwd) == []
+
+
+def test_workdir_lock_on_gs_is_compare_and_swap(gcs, tmp_path):
+  """The lock on an object store: created only if absent, refused while held, a stale
+  one taken over, removed on release; nothing on local disk."""
+  from hvq_jax.training import workdir_lock
+  old = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    wd = f"gs://{BUCKET}/locked"
+    lock = workdir_lock.WorkdirLock(wd).acquire()
+    with pytest.raises(workdir_lock.WorkdirLocked, match=f"pid {os.getpid()}"):
+      workdir_lock.WorkdirLock(wd).acquire()
+    lock.renew()
+    lock.check()
+    lock.release()
+    path = epath.Path(wd) / workdir_lock.LOCK_NAME
+    assert not path.exists()
+    path.write_text(json.dumps(dict(host="elsewhere", pid=1, started=0, lease_until=0)))
+    with pytest.warns(UserWarning, match="took over a stale lock .*lease expired"):
+      lock = workdir_lock.WorkdirLock(wd).acquire()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert os.listdir(tmp_path) == []
+  finally:
+    os.chdir(old)

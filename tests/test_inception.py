@@ -2,6 +2,7 @@
 (random) weights, its TF1 bilinear resize, the weights lookup and FID/256 end to end."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,7 +43,7 @@ def test_features_match_torch_fidelity(weights):
   for batch in (np.stack(photos), images.bundled_photo("astronaut")[None, 50:349, 60:359]):
     with torch.no_grad():
       want = model(_to_torch(batch))[0].numpy()
-    got = np.asarray(inception.InceptionV3FID().apply({"params": params}, batch))
+    got = np.asarray(jax.jit(inception.InceptionV3FID().apply)({"params": params}, batch))
     assert got.shape == (len(batch), 2048)
     assert np.abs(want).mean() > 1e-2                      # features not degenerate
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -53,7 +54,7 @@ def test_legacy_torch_file_loads_the_same(weights, tmp_path):
   legacy = str(tmp_path / "legacy.pth")
   torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
   a, b = inception.load_params(path), inception.load_params(legacy)
-  import jax
+
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -123,7 +123,7 @@ def test_context_files_round_trip_and_decode_in_torch(ctx_model, tmp_path):
     np.testing.assert_array_equal(idx[g][masks[g]], np.asarray(enc["indices"][g])[masks[g]])
   # the file costs what the float model estimates (integer tables within a few %)
   x = jnp.asarray(img, jnp.float32)[None] / 127.5 - 1
-  ref = jax.device_get(m.apply({"params": params}, x, jnp.full((1,), cm.default_lmbda),
+  ref = jax.device_get(jax.jit(m.apply)({"params": params}, x, jnp.full((1,), cm.default_lmbda),
                                jnp.asarray((0.3, 0.3, 0.4), jnp.float32)))
   est_y = sum(float(ref["bits"][f"y_{g}"][0]) for g in GRANULARITIES)
   got_y = sum(v for k, v in stats["bits"].items() if k.startswith("y"))

@@ -418,6 +418,7 @@ def get_config():
 '''
 
 
+@pytest.mark.slow   # about a minute of compiles; the fast suite keeps the parts
 def test_plug_in_prior_on_an_imported_taming_tokenizer(tmp_path, monkeypatch):
   """import (a Lightning-era .ckpt) -> hvq train (prior only) -> hvq eval -> hvq compress /
   decompress -> hvq export --format torch, each the command a user runs; the decoded

@@ -27,6 +27,7 @@ from tests.conftest import micro_config
 
 STEPS = conftest.TRAIN_STEPS
 resume_config = conftest.train_config
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(trainer, wd, **kw):
@@ -201,16 +202,13 @@ def test_killed_during_async_save_resumes_bitwise(straight, trainer, tmp_path):
   with the straight run's state at step 2 and ends with its final state."""
   wd, ref = straight
   mine = tmp_path / "w"
-  c = resume_config()
-  overrides = [f"--config.train.{k}={getattr(c.train, k)}" for k in
-               ("batch_size", "num_steps", "log_every", "ckpt_every", "keep", "warmup_steps",
-                "grad_accum")]
-  overrides += ["--config.train.async_checkpoint=True", "--config.loss.w_gan=0.1",
-                "--config.loss.disc_start=0", "--config.eval.enabled=False",
-                f"--config.image_size={c.image_size}", "--config.model.ch=16", "--config.model.dec_ch=16",
-                "--config.model.norm_groups=4", "--config.model.codebook_size=64",
-                "--config.model.hyperprior.channels=16",
-                "--config.model.hyperprior.latent_channels=4"]
+  # the CLI runs train_config() itself (a config file), with the saves in the background
+  cfg = tmp_path / "train_config.py"
+  cfg.write_text(f"import sys\nsys.path.insert(0, {REPO!r})\n"
+                 "from tests.conftest import train_config\n\n"
+                 "def get_config():\n  c = train_config()\n  c.train.async_checkpoint = True\n"
+                 "  return c\n")
+  overrides = ["--config", str(cfg)]
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.environ.get(
       "HVQ_TEST_JIT_CACHE", "/tmp/hvq_jax_test_jit_cache"))
   p = subprocess.Popen([sys.executable, "-m", "hvq_jax.cli", "train", "--workdir", str(mine),

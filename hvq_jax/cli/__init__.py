@@ -6,17 +6,17 @@ USAGE = """usage: hvq COMMAND [options]
 commands:
   train       --config configs/X.py --workdir DIR [--config.field=value ...]
               (defaults: the tiny CPU config on the bundled photos, workdir runs/tiny_cpu)
-  compress    IMAGE_OR_FOLDER... -o OUT --checkpoint DIR [--lmbda L] [--ratios c,m,f]
-              [--target-bpp B] [--jobs N]
-  decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR [--backend jax|torch] [--jobs N]
+  compress    IMAGE_OR_FOLDER... -o OUT --checkpoint DIR [--step N] [--lmbda L]
+              [--ratios c,m,f] [--target-bpp B] [--jobs N]
+  decompress  FILE_OR_FOLDER... -o OUT --checkpoint DIR [--step N] [--backend jax|torch] [--jobs N]
               (--backend torch: --checkpoint is an `hvq export --format torch` file;
               several inputs: N worker processes, 0 = one per core)
-  eval        --checkpoint DIR --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
+  eval        --checkpoint DIR [--step N] --out RESULTS_DIR [--images FOLDER|bundled:heldout|tfds:NAME[:SPLIT]]
               [--lmbdas 0.05,0.2] [--ratios 'c,m,f;c,m,f'] [--lpips-weights DIR]
               [--dataset kodak|clic2020|div2k|tecnick] [--inception-weights FILE]
               [--no-dists] [--no-fid] [--no-plots]
   plot        RESULTS_DIR... [--out DIR] [--strip IMAGE --images SPEC] [--dataset NAME]
-  export      --checkpoint DIR --format torch|stablehlo --out OUT [--size HxW]
+  export      --checkpoint DIR [--step N] --format torch|stablehlo --out OUT [--size HxW]
   import      --from torch|taming|control-gic --checkpoint FILE --out DIR [--config configs/X.py]
   sweep       --config configs/X.py --workdir DIR [--variants a,b] [--grid 'f=v1,v2 ...'] [--print-only]
 """

@@ -63,6 +63,7 @@ def run(cmd, argv):
   ap.add_argument("-o", "--out", required=True, help="output file, or folder for several inputs")
   ap.add_argument("--checkpoint", required=True,
                   help="training workdir or its checkpoints/ (torch backend: a .safetensors export)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest)")
   if cmd == "decompress":
     ap.add_argument("--backend", choices=("jax", "torch"), default="jax",
                     help="torch: decode with the PyTorch model of an `hvq export --format torch` file")
@@ -106,6 +107,8 @@ def run(cmd, argv):
       except ValueError:
         sys.exit(f"hvq compress: --ratios must be three numbers like 0.1,0.4,0.5, got {a.ratios!r}")
     options = dict(lmbda=a.lmbda, ratios=ratios, target_bpp=a.target_bpp)
+  if a.step is not None:
+    options["step"] = a.step
   backend = getattr(a, "backend", "jax")
   coder_args = (cmd, a.checkpoint, backend, options)
   try:

@@ -7,6 +7,7 @@ def run_eval(argv):
   import argparse
   ap = argparse.ArgumentParser(prog="hvq eval")
   ap.add_argument("--checkpoint", required=True, help="training workdir or its checkpoints/")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest)")
   ap.add_argument("--out", required=True, help="results folder (results.csv, summary.json)")
   ap.add_argument("--images", default="bundled:heldout",
                   help="a folder of images (Kodak, CLIC), bundled:heldout, or tfds:NAME[:SPLIT]")
@@ -41,7 +42,7 @@ def run_eval(argv):
   from hvq_jax import images
   from hvq_jax.nn.model import ConfigError
   try:
-    cmodel = codec.load_model(a.checkpoint)
+    cmodel = codec.load_model(a.checkpoint, a.step)
     settings = evaluate.parse_settings(a.lmbdas, a.ratios, cmodel)
     imgs = evaluate.load_images(a.images, a.tfds_data_dir, a.limit)
     fit = evaluate.load_images(a.fit_images, a.tfds_data_dir)

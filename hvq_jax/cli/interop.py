@@ -9,6 +9,7 @@ def run_export(argv):
   import argparse
   ap = argparse.ArgumentParser(prog="hvq export")
   ap.add_argument("--checkpoint", required=True)
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest)")
   ap.add_argument("--format", choices=("torch", "stablehlo"), required=True)
   ap.add_argument("--out", required=True, help="torch: a .safetensors file; stablehlo: a folder")
   ap.add_argument("--size", default="512x768", help="stablehlo: padded HxW the programs take")
@@ -16,7 +17,7 @@ def run_export(argv):
   from hvq_jax import codec
   from hvq_jax.interop import export
   try:
-    cm = codec.load_model(a.checkpoint)
+    cm = codec.load_model(a.checkpoint, a.step)
     if a.format == "torch":
       atomic_write(a.out, lambda tmp: export.save_torch(cm.params, cm.config, tmp, coding=cm))
       print(f"wrote {a.out}")

@@ -36,7 +36,7 @@ def run(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it renames at INFO
     from hvq_jax import checkpoint as ckpt_lib
     from hvq_jax.nn import model as model_lib
-    from hvq_jax.training import distributed, train
+    from hvq_jax.training import distributed, train, workdir_lock
     f = flags.FLAGS
     try:
       p = distributed.plan(f.distributed, os.environ, f.coordinator, f.num_processes,
@@ -58,6 +58,7 @@ def run(argv):
       out = train.train_and_evaluate(f.config, f.workdir, progress=f.progress,
                                      allow_config_change=f.allow_config_change)
     except (model_lib.ConfigError, FileNotFoundError, ckpt_lib.CheckpointMismatch,
+            ckpt_lib.CheckpointCorrupt, workdir_lock.WorkdirLocked,
             train.TrainingDiverged) as e:
       sys.exit(f"hvq train: {e}")
     if out["preempted"]:

@@ -174,18 +174,51 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
   such as gs://...): EMA params when the run kept them, onto one device. Restores the
   params subtree only, with the shapes and dtypes stored in the checkpoint: a local one
   through TensorStore without Orbax (`checkpoint.read_params`), otherwise through Orbax
-  with the structure the checkpoint's metadata lists."""
+  with the structure the checkpoint's metadata lists. Both verify the params and the
+  config against the step's checksums; a damaged step raises CheckpointCorrupt in one
+  line naming it and the steps to choose from instead (it never falls back by itself: a
+  codec must not code with a model other than the one asked for)."""
   d = ckpt_lib.find_checkpoints(ckpt_dir)
   if d is None:
     raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+  if step is not None and not _has_step(d, step):
+    raise CheckpointError(f"{ckpt_dir}: no checkpoint step {step} (steps: {_steps_text(d)})")
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  found = ckpt_lib.local_step_config(d, step)
-  if found is not None:
-    config = upgrade.upgrade(found[1])
-    params = ckpt_lib.read_params(d, found[0], _params_key(config))
-    if params is not None:
-      return config, jax.device_put(params, one)
-  return _restore_with_orbax(ckpt_dir, d, step, one)
+  try:
+    found = ckpt_lib.local_step_config(d, step)
+    if found is not None:
+      config = upgrade.upgrade(found[1])
+      params = ckpt_lib.read_params(d, found[0], _params_key(config))
+      if params is not None:
+        return config, jax.device_put(params, one)
+    return _restore_with_orbax(ckpt_dir, d, step, one)
+  except ckpt_lib.CheckpointCorrupt as e:
+    raise ckpt_lib.CheckpointCorrupt(
+        f"{e}; the step is damaged: choose another with --step N (steps: {_steps_text(d)})"
+    ) from None
+
+
+def _step_names(d: str):
+  """Finalised step numbers in a checkpoints folder, newest first (no Orbax)."""
+  try:
+    if ckpt_lib.is_url(d):
+      from etils import epath
+      names = [p.name for p in epath.Path(d).iterdir()]
+    else:
+      import os
+      names = os.listdir(d)
+  except OSError:
+    return []
+  return sorted((int(n) for n in names if n.isdigit()), reverse=True)
+
+
+def _has_step(d: str, step: int) -> bool:
+  return int(step) in _step_names(d)
+
+
+def _steps_text(d: str) -> str:
+  steps = _step_names(d)
+  return ", ".join(map(str, steps)) if steps else "none"
 
 
 def _params_key(config) -> str:
@@ -196,13 +229,14 @@ def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_in
   """`load_params` through Orbax's CheckpointManager; `from_init`: the shapes from
   `jax.eval_shape` of the model's init: the fallback for a checkpoint whose metadata does
   not list the params as a tree of arrays, and the reference the tests compare with)."""
-  ck = ckpt_lib.Checkpointer(d, async_save=False)
+  ck = ckpt_lib.Checkpointer(d, async_save=False, read_only=True)
   try:
     if ck.latest_step() is None:
       raise CheckpointError(f"{ckpt_dir}: no checkpoint found (train with `hvq train` first)")
-    config = upgrade.upgrade(ck.restore_config(step))
+    shown = ck.latest_step() if step is None else step
+    config = upgrade.upgrade(_read(d, shown, lambda: ck.restore_config(step)))
     key = _params_key(config)
-    params = None if from_init else ck.restore_subtree(step, key, one)
+    params = None if from_init else _read(d, shown, lambda: ck.restore_subtree(step, key, one))
     if params is None:
       from hvq_jax.nn import model as model_lib
       model = model_lib.build(config.model)
@@ -211,10 +245,21 @@ def _restore_with_orbax(ckpt_dir: str, d: str, step: Optional[int], one, from_in
                                 jax.random.PRNGKey(0))
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                               abstract)
-      params = ck.restore_params(step, {key: abstract})[key]
+      params = _read(d, shown, lambda: ck.restore_params(step, {key: abstract}))[key]
   finally:
     ck.close()
   return config, params
+
+
+def _read(d: str, step, read):
+  """`read()` (an Orbax read of step `step`), any failure of it as CheckpointCorrupt."""
+  try:
+    return read()
+  except ckpt_lib.CheckpointCorrupt:
+    raise
+  except Exception as e:   # noqa: BLE001 (Orbax / TensorStore: the step cannot be read)
+    raise ckpt_lib.CheckpointCorrupt(f"{ckpt_lib.where(d, step)}: cannot be read "
+                                     f"({ckpt_lib.integrity.describe_error(e)})") from None
 
 
 def load_model(ckpt_dir: str, step: Optional[int] = None) -> CodecModel:

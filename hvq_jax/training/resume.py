@@ -1,6 +1,7 @@
 """Where a run's state comes from: its newest checkpoint (with the config diff checked), or
 a fresh init, optionally with another run's params (`train.init_from`)."""
 import json
+import warnings
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -8,6 +9,8 @@ import jax
 
 import ml_collections
 
+from hvq_jax import checkpoint as ckpt_lib
+from hvq_jax import checkpoint_integrity as integrity
 from hvq_jax.configs import upgrade
 from hvq_jax.nn import model as model_lib
 from hvq_jax.training import phases
@@ -122,13 +125,18 @@ def init_from(params, source: str):
 
 def restore_or_init(ckpt, trainer, config, data_iter, allow_config_change: bool,
                     where: str) -> Tuple[Dict[str, Any], int]:
-  """(state, step) to train on from: the newest checkpoint in `ckpt` restored onto this run's
-  mesh (whatever mesh wrote it: Orbax reshards), its data iterator too unless the data
-  stream's definition changed; or, in an empty workdir, a fresh state (params from
-  `train.init_from` where set), saved at once as step 0."""
+  """(state, step) to train on from: the newest intact checkpoint in `ckpt` restored onto
+  this run's mesh (whatever mesh wrote it: Orbax reshards), its data iterator too unless
+  the data stream's definition changed; or, in an empty workdir, a fresh state (params
+  from `train.init_from` where set), saved at once as step 0.
+
+  A step that fails its checksums or cannot be read is named in a warning and skipped;
+  once an older step restores, the damaged newer ones are moved aside (never deleted:
+  `Checkpointer.set_aside`), so the run saves those steps again. When no step is intact
+  it raises CheckpointCorrupt naming each."""
   is_main = jax.process_index() == 0
-  latest = ckpt.latest_step()
-  if latest is None:
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  if not steps:
     state = trainer.init_state(jax.random.PRNGKey(config.seed))
     if config.train.init_from:
       state = _params_from(trainer, state, config, is_main)
@@ -136,15 +144,33 @@ def restore_or_init(ckpt, trainer, config, data_iter, allow_config_change: bool,
     # checkpoint is written once, only here.
     ckpt.save(0, state, data_iter, config, metrics=None, force=True)
     return state, 0
-  try:
-    stored = json.loads(upgrade.upgrade(ckpt.restore_config(latest)).to_json())
-  except Exception:   # noqa: BLE001 (a checkpoint from before configs were saved)
-    stored = None
-  diff = dict(safe=[], changes=[])
-  if stored is not None:
-    diff = check_resume_config(stored, config, allow_config_change, where)
-  restart_data = any(matches(k, DATA_DEFINING) for k, _, _ in diff["changes"])
-  state = ckpt.restore(latest, trainer.abstract_state, None if restart_data else data_iter)
+  damaged = []
+  for step in steps:
+    err = None
+    try:
+      state, diff, restart_data = _restore_step(ckpt, step, trainer, config, data_iter,
+                                                allow_config_change, where)
+    except ckpt_lib.CheckpointCorrupt as e:
+      err = e
+    if integrity.agree(err is None):
+      break
+    damaged.append(step)
+    if is_main:
+      warnings.warn(f"{err or f'checkpoint step {step}: damaged on another process'}; "
+                    f"skipped", stacklevel=2)
+  else:
+    raise ckpt_lib.CheckpointCorrupt(
+        f"no intact checkpoint in {ckpt.directory} (steps {', '.join(map(str, steps))} are "
+        f"all damaged: see the warnings above); nothing was changed")
+  if damaged and is_main:
+    for step in damaged:
+      dest = ckpt.set_aside(step)
+      print(f"moved damaged checkpoint step {step} to {dest}")
+  if damaged and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("set aside damaged checkpoints")
+    if not is_main:
+      ckpt.reload()
   start = int(jax.device_get(state["step"]))
   if is_main:
     now = [p.name for p in trainer.phases if p.start <= start < p.end]
@@ -155,6 +181,24 @@ def restore_or_init(ckpt, trainer, config, data_iter, allow_config_change: bool,
     if restart_data:
       print("  the data stream starts afresh (its definition changed)")
   return state, start
+
+
+def _restore_step(ckpt, step: int, trainer, config, data_iter, allow_config_change: bool,
+                  where: str):
+  """(state, config diff, data restarted) of checkpoint `step`; CheckpointCorrupt when it
+  is damaged, ConfigError / CheckpointMismatch when it does not fit this run."""
+  try:
+    stored = json.loads(upgrade.upgrade(ckpt.restore_config(step)).to_json())
+  except ckpt_lib.CheckpointCorrupt:
+    raise
+  except Exception:   # noqa: BLE001 (a checkpoint from before configs were saved)
+    stored = None
+  diff = dict(safe=[], changes=[])
+  if stored is not None:
+    diff = check_resume_config(stored, config, allow_config_change, where)
+  restart_data = any(matches(k, DATA_DEFINING) for k, _, _ in diff["changes"])
+  state = ckpt.restore(step, trainer.abstract_state, None if restart_data else data_iter)
+  return state, diff, restart_data
 
 
 def _params_from(trainer, state, config, is_main: bool) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ from hvq_jax.training import data as data_lib
 from hvq_jax.training import heldout
 from hvq_jax.training import phases
 from hvq_jax.training import sharding
+from hvq_jax.training import workdir_lock
 from hvq_jax.training.metric_writer import MetricWriter
 from hvq_jax.training.resume import flatten, matches, restore_or_init
 from hvq_jax.training.trainer import Trainer
@@ -56,6 +57,18 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
     raise model_lib.ConfigError(
         f"config.train.max_bad_steps must be >= 1, got {config.train.max_bad_steps}")
   workdir = ckpt_lib.normalize(workdir)
+  # One writer per workdir, from before anything is written (Orbax's removal of an
+  # interrupted run's unfinished saves included) to the held-out report: a second run
+  # refuses, naming this one.
+  lock = workdir_lock.hold(workdir)
+  try:
+    return _train_and_evaluate(config, workdir, progress, allow_config_change, trainer, lock)
+  finally:
+    lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, progress: bool, allow_config_change: bool,
+                        trainer: Trainer, lock) -> Dict[str, Any]:
   is_main = jax.process_index() == 0
   tc = config.train
   ckpt = ckpt_lib.Checkpointer(ckpt_lib.join(workdir, "checkpoints"), keep=tc.keep,
@@ -72,7 +85,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
       print(f"recipe {config.train.recipe}: {phases.describe(trainer.phases)}")
     preemption = _Preemption()
     state, preempted = _train_loop(trainer, config, state, start, data_iter, ckpt, writer,
-                                   preemption, progress and is_main)
+                                   preemption, progress and is_main, lock)
     ckpt.wait()
   except BaseException:
     if writer is not None:
@@ -91,7 +104,7 @@ def train_and_evaluate(config, workdir: str, progress: bool = True,
 
 
 def _train_loop(trainer, config, state, start: int, data_iter, ckpt, writer, preemption,
-                progress: bool):
+                progress: bool, lock=None):
   """Steps `start`..num_steps: log every log_every, save every ckpt_every and at the end,
   stop with a save on preemption. Returns (state, preempted)."""
   from tqdm import tqdm
@@ -109,6 +122,8 @@ def _train_loop(trainer, config, state, start: int, data_iter, ckpt, writer, pre
       raise TrainingDiverged(f"step {step}: the training state holds NaN or Inf; not saved "
                              f"(the newest checkpoint, step {last_saved}, is finite)")
     metrics = {"loss": float(np.mean(losses_since_save))} if losses_since_save else None
+    if lock is not None:
+      lock.check()    # another run took the workdir over (this one was stopped too long)
     ckpt.save(step, state, feed.checkpoint_item(), config, metrics=metrics, force=force)
     losses_since_save, last_saved = [], step
     writer.flush()
