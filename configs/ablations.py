@@ -30,12 +30,12 @@ VARIANTS = {
     "single_scale_hyperprior_off": lambda c: (c.granularity.update(ratios=(0.0, 0.0, 1.0)),
                                               _hyperprior_off(c)),
     "large_codebook": lambda c: c.model.update(codebook_size=16384),
-    # each granularity's prior reads only its z (the base reads the map and the coarser
-    # decoded entries too)
+    # the prior's contexts (the base has both: the coarser granularities' entries and the
+    # map, and the checkerboard passes): none / coarser only / checkerboard only, and the
+    # 2x2 interleave (four passes) in place of the checkerboard
+    "no_contexts": lambda c: c.model.hyperprior.update(context="none", spatial="none"),
+    "no_spatial_context": lambda c: c.model.hyperprior.update(spatial="none"),
     "no_prior_context": lambda c: c.model.hyperprior.update(context="none"),
-    # each granularity's indices in two passes (a checkerboard), the second pass's prior
-    # also reading the first pass's entries; or in four (a 2x2 interleave)
-    "spatial_checkerboard": lambda c: c.model.hyperprior.update(spatial="checkerboard"),
     "spatial_quad": lambda c: c.model.hyperprior.update(spatial="quad"),
     # residual VQ: 2 codebooks per granularity, a hyperprior branch over each stage's indices
     "residual_vq": _residual,

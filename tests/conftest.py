@@ -24,10 +24,10 @@ def micro_config():
   # the decoder attends (the tiny one does not), so the tests and the PyTorch parity
   # cover attention blocks
   m.dec_mid_attn, m.dec_attn_strides = True, (16,)
-  # one phase and a prior without context: the loop, resume and codec tests need neither
-  # (test_phases and test_prior_context test them)
+  # one phase and a prior without contexts: the loop, resume and codec tests need neither
+  # (test_phases, test_prior_context and test_spatial_context test them)
   cfg.train.recipe = "joint"
-  m.hyperprior.context = "none"
+  m.hyperprior.context, m.hyperprior.spatial = "none", "none"
   cfg.granularity.train_ratios = ()
   return cfg
 
