@@ -63,11 +63,11 @@ def test_memory_grows_linearly_with_tokens():
 
 def test_torch_chunks_give_sdpa():
   torch = pytest.importorskip("torch")
-  from hvq_jax.interop import torch_model
+  from hvq_jax.interop import torch_layers
   q, k, v = (torch.from_numpy(a) for a in _qkv(100, seed=3))
   ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
   for chunk in (0, 7, 100, 1000):
-    got = torch_model.attention(q, k, v, chunk)
+    got = torch_layers.attention(q, k, v, chunk)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -75,7 +75,7 @@ def test_spatially_normed_block_matches_the_pytorch_port():
   """The decoder's attention block (spatial norm on a code map) with several chunks, in
   flax and in the PyTorch port from the same weights (the export's key mapping)."""
   torch = pytest.importorskip("torch")
-  from hvq_jax.interop import export, torch_model
+  from hvq_jax.interop import export, torch_layers
   r = np.random.default_rng(4)
   x = r.standard_normal((1, 6, 10, 16)).astype(np.float32)
   cond = r.standard_normal((1, 3, 5, 7)).astype(np.float32)
@@ -83,7 +83,7 @@ def test_spatially_normed_block_matches_the_pytorch_port():
   params = block.init(jax.random.PRNGKey(0), x, cond)["params"]
   params = jax.tree.map(lambda a: a + 0.3 * np.sin(np.arange(a.size)).reshape(a.shape), params)
   ref = np.asarray(block.apply({"params": params}, x, cond))
-  net = torch_model.AttnBlock(16, 4, 7, chunk=16)
+  net = torch_layers.AttnBlock(16, 4, 7, chunk=16)
   net.load_state_dict({k: torch.from_numpy(v) for k, v in export.flax_to_torch(params).items()})
   with torch.no_grad():
     got = net(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(cond).permute(0, 3, 1, 2))
