@@ -3,7 +3,7 @@
   nice -n 5 python benchmarks/checkpoint_faults.py --n 1000 [--seed 0] [--run DIR] \
       [--out benchmarks/results/checkpoint_faults.json] [--cli] [--replay FAILURES.json]
 
-The run: a tiny real training run of the micro model (tests/conftest.py's micro_config:
+The run: a tiny real training run of the micro model (configs/micro.py's train_config:
 64 px, batch 2, two steps) with checkpoints at steps 0 and 2, made once (or `--run`, a
 workdir such a run left). Its intact steps are restored once: the reference every case is
 compared with.
@@ -64,26 +64,9 @@ REFUSALS = ("CheckpointCorrupt", "CheckpointMismatch", "CheckpointError", "Workd
 
 
 def run_config(num_steps: int = 2):
-  """tests/conftest.py's train_config: the micro model, 64 px, batch 2, saves at 0 and 2."""
-  from hvq_jax.configs import tiny_cpu
-  cfg = tiny_cpu.get_config()
-  m = cfg.model
-  m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
-  m.codebook_size = 64
-  m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
-  m.dec_mid_attn, m.dec_attn_strides = True, (16,)
-  cfg.train.recipe = "joint"
-  m.hyperprior.context = "none"
-  cfg.granularity.train_ratios = ()
-  cfg.image_size = 64
-  cfg.train.batch_size, cfg.train.num_steps = 2, num_steps
-  cfg.train.log_every, cfg.train.ckpt_every, cfg.train.keep = 1, 2, 10
-  cfg.train.async_checkpoint = False
-  cfg.train.warmup_steps = 1
-  cfg.train.grad_accum = 2
-  cfg.loss.w_gan, cfg.loss.disc_start = 0.1, 0
-  cfg.eval.enabled = False
-  return cfg
+  """configs/micro.py's train_config (the tests' training run): saves at steps 0 and 2."""
+  from hvq_jax.configs import micro
+  return micro.train_config(num_steps)
 
 
 def host(tree):

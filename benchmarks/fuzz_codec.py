@@ -8,7 +8,7 @@ Originals: real `.hvq` files of several sizes (one coarse patch up to a few hund
 rate settings (all coarse, mixed, all fine), made by each model kind: the hyperprior on,
 the hyperprior off (static histogram) and residual VQ (two stages, a hyperprior each).
 Without `--checkpoint` the models are untrained micro models made on the fly (the tiny CPU
-config shrunk as tests/conftest.py's micro_config, with configs/ablations.py's one-field
+config at configs/micro.py's sizes, with configs/ablations.py's one-field
 changes); with it, the checkpoint's model is the only kind.
 
 Mutations (`MUTATIONS`): bit flips, truncation, insertion and deletion anywhere; header
@@ -62,17 +62,12 @@ MUTATIONS = dict(bit_flip=14, truncate=7, insert=7, delete=5, header_field=22, p
 
 # ---- models and originals (worker side) ---------------------------------------------------
 def model_config(kind: str):
-  """The micro model of tests/conftest.py with configs/ablations.py's change for `kind`."""
-  from hvq_jax.configs import ablations
+  """configs/ablations.py's variant for `kind`, at configs/micro.py's sizes."""
+  from hvq_jax.configs import ablations, micro
   variant = {"hyperprior": "base", "hyperprior_off": "hyperprior_off",
              "residual_vq": "residual_vq", "spatial": "spatial_quad",
              "residual_vq_hyperprior_off": "residual_vq_hyperprior_off"}[kind]
-  cfg = ablations.get_config(variant)
-  m = cfg.model
-  m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
-  m.codebook_size = 64
-  m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
-  return cfg
+  return micro.shrink(ablations.get_config(variant))
 
 
 def random_params(cfg, seed: int):

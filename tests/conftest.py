@@ -10,44 +10,15 @@ jax.config.update("jax_compilation_cache_dir",
                   os.environ.get("HVQ_TEST_JIT_CACHE", "/tmp/hvq_jax_test_jit_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
-from hvq_jax.configs import tiny_cpu
+from hvq_jax.configs import micro as micro_lib
 from hvq_jax.nn import model as model_lib
 
-
-def micro_config():
-  """The tiny CPU config shrunk further so tests compile in seconds."""
-  cfg = tiny_cpu.get_config()
-  m = cfg.model
-  m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
-  m.codebook_size = 64
-  m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
-  # the decoder attends (the tiny one does not), so the tests and the PyTorch parity
-  # cover attention blocks
-  m.dec_mid_attn, m.dec_attn_strides = True, (16,)
-  # one phase and a prior without contexts: the loop, resume and codec tests need neither
-  # (test_phases, test_prior_context and test_spatial_context test them)
-  cfg.train.recipe = "joint"
-  m.hyperprior.context, m.hyperprior.spatial = "none", "none"
-  cfg.granularity.train_ratios = ()
-  return cfg
-
-
+micro_config = micro_lib.get_config
 TRAIN_STEPS = 3
 
 
 def train_config(num_steps=TRAIN_STEPS):
-  """The micro model as the training tests run it: 64 px, batch 2, three steps, past
-  warmup from step 1, two accumulated micro-batches, the GAN on from step 0."""
-  c = micro_config()
-  c.image_size = 64
-  c.train.batch_size, c.train.num_steps = 2, num_steps
-  c.train.log_every, c.train.ckpt_every, c.train.keep = 1, 2, 10
-  c.train.async_checkpoint = False
-  c.train.warmup_steps = 1          # steps 2 and 3 run on the cosine decay, past warmup
-  c.train.grad_accum = 2            # two micro-batches of one image
-  c.loss.w_gan, c.loss.disc_start = 0.1, 0   # GAN and adaptive weight from step 0
-  c.eval.enabled = False
-  return c
+  return micro_lib.train_config(num_steps)
 
 
 @pytest.fixture(scope="session")
