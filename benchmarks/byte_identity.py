@@ -21,16 +21,13 @@ import numpy as np
 
 from hvq_jax import codec
 from hvq_jax import images as images_lib
-from hvq_jax.configs import tiny_cpu
+from hvq_jax.configs import micro, tiny_cpu
 from hvq_jax.nn import model as model_lib
 
 
 def _micro():
-  cfg = tiny_cpu.get_config()
+  cfg = micro.shrink(tiny_cpu.get_config())
   m = cfg.model
-  m.ch, m.dec_ch, m.norm_groups = 16, 16, 4
-  m.codebook_size = 64
-  m.hyperprior.channels, m.hyperprior.latent_channels = 16, 4
   m.hyperprior.context = "none"
   m.dec_mid_attn, m.dec_attn_strides = True, (16,)   # as the tests' micro model
   return cfg
