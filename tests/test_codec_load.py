@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from hvq_jax import checkpoint as ckpt_lib
+from hvq_jax import checkpoint_direct as ckpt_direct
 from hvq_jax import codec
 from hvq_jax import compile_cache
 from hvq_jax.codec import model as codec_model
@@ -51,8 +52,8 @@ def test_metadata_loading_equals_orbax_restore(saved):
   with the metadata's structure (used for gs://); EMA params when the run kept them."""
   d, params_want, ema_want = saved
   ckdir = ckpt_lib.find_checkpoints(d)
-  assert ckpt_lib.local_step_config(ckdir)[0] == 4
-  assert ckpt_lib.read_params(ckdir, 3, "params") is not None
+  assert ckpt_direct.local_step_config(ckdir)[0] == 4
+  assert ckpt_direct.read_params(ckdir, 3, "params") is not None
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   config, params = codec.load_params(d, step=3)
   old_config, old = codec_model._restore_with_orbax(d, ckdir, 3, one, from_init=True)
@@ -75,14 +76,14 @@ def test_unknown_layouts_fall_back_to_orbax(saved, tmp_path):
   shutil.copytree(saved[0], d)
   ckdir = os.path.join(d, "checkpoints")
   os.unlink(os.path.join(ckdir, "4", "commit_success.txt"))   # Orbax does not need it locally
-  assert ckpt_lib.local_step_config(ckdir) is None
-  assert ckpt_lib.local_step_config(ckdir, 3)[0] == 3
-  assert ckpt_lib.local_step_config(ckdir, 7) is None
-  assert ckpt_lib.local_step_config("gs://bucket/run/checkpoints") is None
+  assert ckpt_direct.local_step_config(ckdir) is None
+  assert ckpt_direct.local_step_config(ckdir, 3)[0] == 3
+  assert ckpt_direct.local_step_config(ckdir, 7) is None
+  assert ckpt_direct.local_step_config("gs://bucket/run/checkpoints") is None
   _, ema = codec.load_params(d)   # through Orbax
   _assert_same(ema, saved[2])
-  assert ckpt_lib.read_params(ckdir, 3, "no_such_subtree") is None
-  assert ckpt_lib.read_params(ckdir, 3, "opt_g") is None   # a list: Orbax's business
+  assert ckpt_direct.read_params(ckdir, 3, "no_such_subtree") is None
+  assert ckpt_direct.read_params(ckdir, 3, "opt_g") is None   # a list: Orbax's business
   with pytest.raises(codec.CheckpointError, match="no such checkpoint directory"):
     codec.load_params(str(tmp_path / "missing"))
 

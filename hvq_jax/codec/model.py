@@ -1,7 +1,7 @@
 """A trained model ready to code: params, config, fingerprint and the integer entropy tables.
 
 Loading needs no trainer and no model init: a local checkpoint's params are read straight
-through TensorStore (`checkpoint.read_params`), others restored by Orbax with the shapes
+through TensorStore (`checkpoint_direct.read_params`), others restored by Orbax with the shapes
 the checkpoint's metadata lists, so compressing an image imports neither optax nor the
 discriminator, and decoding one with warm caches (`compile_cache.executable`) not even
 flax: the networks are built only when a program has to be traced.
@@ -15,6 +15,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from hvq_jax import checkpoint as ckpt_lib
+from hvq_jax import checkpoint_direct as ckpt_direct
 from hvq_jax import compile_cache
 from hvq_jax import layout
 from hvq_jax.configs import upgrade
@@ -173,7 +174,7 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
   """(config, params) of a training workdir or its `checkpoints/` folder (local or a URL
   such as gs://...): EMA params when the run kept them, onto one device. Restores the
   params subtree only, with the shapes and dtypes stored in the checkpoint: a local one
-  through TensorStore without Orbax (`checkpoint.read_params`), otherwise through Orbax
+  through TensorStore without Orbax (`checkpoint_direct.read_params`), otherwise through Orbax
   with the structure the checkpoint's metadata lists. Both verify the params and the
   config against the step's checksums; a damaged step raises CheckpointCorrupt in one
   line naming it and the steps to choose from instead (it never falls back by itself: a
@@ -185,10 +186,10 @@ def load_params(ckpt_dir: str, step: Optional[int] = None):
     raise CheckpointError(f"{ckpt_dir}: no checkpoint step {step} (steps: {_steps_text(d)})")
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   try:
-    found = ckpt_lib.local_step_config(d, step)
+    found = ckpt_direct.local_step_config(d, step)
     if found is not None:
       config = upgrade.upgrade(found[1])
-      params = ckpt_lib.read_params(d, found[0], _params_key(config))
+      params = ckpt_direct.read_params(d, found[0], _params_key(config))
       if params is not None:
         return config, jax.device_put(params, one)
     return _restore_with_orbax(ckpt_dir, d, step, one)
