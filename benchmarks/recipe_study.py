@@ -13,7 +13,12 @@ granularity ratios (`hvq eval`), and writes into --out:
   python scripts/prepare_corpus.py --out /data/corpus
   python benchmarks/recipe_study.py --corpus /data/corpus --workdir runs/recipe --out results/recipe
 
-Runs already finished in --workdir are skipped, so an interrupted study resumes.
+Runs already finished in --workdir are skipped, so an interrupted study resumes. `--reuse
+STUDY.json` takes the runs that --recipes leaves out from an earlier study's study.json (same
+corpus, ratios, lambda and configs), so a new recipe is compared without retraining the old:
+
+  python benchmarks/recipe_study.py --corpus /data/corpus --workdir runs/recipe_long \
+      --out results/recipe_long --recipes staged_long --seeds 0,1 --reuse results/recipe/study.json
 """
 import argparse
 import json
@@ -27,7 +32,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RECIPES = {"base": "staged (default)", "joint": "joint", "hyperprior_off": "hyperprior off"}
+RECIPES = {"base": "staged (default)", "staged_long": "staged, tokenizer phase = hyperprior off's budget",
+           "joint": "joint", "hyperprior_off": "hyperprior off"}
+STAGED = ("base", "staged_long")      # the rows whose BD-rate against the others is reported
+FIELDS = ("saving", "saving_per_photo", "static_vs_fixed", "shift_rgb", "branches", "curve")
 RATIOS = "0,0.2,0.8;0.1,0.4,0.5;0.3,0.4,0.3;0.5,0.3,0.2;0.7,0.2,0.1;0.9,0.1,0"
 
 
@@ -36,7 +44,7 @@ def run_sweep(a) -> int:
         f"--ratios '{RATIOS}' --baselines jpeg --no-dists --no-fid --no-plots")
   cmd = [sys.executable, "-m", "hvq_jax.cli", "sweep", "--config",
          os.path.join(ROOT, "configs", "ablations.py"), "--workdir", a.workdir,
-         "--variants", ",".join(RECIPES), "--grid", "seed=" + ",".join(map(str, a.seeds)),
+         "--variants", ",".join(a.recipes), "--grid", "seed=" + ",".join(map(str, a.seeds)),
          "--eval", ev, "--config.data.source=folder",
          f"--config.data.train_dir={a.corpus}/train", f"--config.data.eval_dir={a.corpus}/heldout"]
   cmd += [f"--config.train.num_steps={a.steps}"] if a.steps else []
@@ -75,9 +83,22 @@ def _bd(anchor, test, metric):
     return None
 
 
+def _reused(a) -> dict:
+  """The runs of an earlier study that this one does not train, keyed (recipe, seed)."""
+  if not a.reuse:
+    return {}
+  old = json.load(open(a.reuse))
+  out = {}
+  for key, r in old["runs"].items():
+    v, s = key.split("__seed=")
+    if v not in a.recipes and int(s) in a.seeds:
+      out[(v, int(s))] = dict(dir=a.reuse, rows=[], summary={}, **{k: r[k] for k in FIELDS})
+  return out
+
+
 def analyse(a) -> dict:
-  runs = {}
-  for v in RECIPES:
+  runs = _reused(a)
+  for v in a.recipes:
     for s in a.seeds:
       d = os.path.join(a.workdir, f"{v}__seed={s}")
       if not os.path.isfile(os.path.join(d, "eval", "summary.json")):
@@ -92,21 +113,24 @@ def analyse(a) -> dict:
           static_vs_fixed=summary["static_saving_vs_fixed_length"],
           shift_rgb=_channel_shift(d, ours, a.corpus).tolist(),
           branches=summary["per_branch_bits_per_index"])
-  jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values()), None)
+  jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values() if r["rows"]), None)
+  if jpeg is None and a.reuse:
+    jpeg = json.load(open(a.reuse)).get("jpeg")
   per_seed = {}
   for s in a.seeds:
-    if (("base", s) not in runs):
-      continue
-    st = runs[("base", s)]
-    row = dict(saving=st["saving"], shift_rgb=st["shift_rgb"])
-    for other in ("hyperprior_off", "joint"):
-      if (other, s) in runs:
-        o = runs[(other, s)]
-        row[f"bd_psnr_vs_{other}"] = _bd(o["curve"], st["curve"], "psnr")
-        row[f"bd_lpips_vs_{other}"] = _bd(o["curve"], st["curve"], "lpips")
-        row[f"{other}_saving"] = o["saving"]
-        row[f"{other}_shift_rgb"] = o["shift_rgb"]
-    per_seed[s] = row
+    row = {}
+    for v in STAGED:
+      if (v, s) not in runs:
+        continue
+      st = runs[(v, s)]
+      row[v] = dict(saving=st["saving"], shift_rgb=st["shift_rgb"])
+      for other in ("hyperprior_off", "joint"):
+        if (other, s) in runs:
+          o = runs[(other, s)]
+          row[v][f"bd_psnr_vs_{other}"] = _bd(o["curve"], st["curve"], "psnr")
+          row[v][f"bd_lpips_vs_{other}"] = _bd(o["curve"], st["curve"], "lpips")
+    if row:
+      per_seed[s] = row
   return dict(runs=runs, per_seed=per_seed, jpeg=jpeg)
 
 
@@ -123,12 +147,14 @@ def report(a, res, wall) -> str:
            f"Corpus: {a.corpus} (docs/corpus.md); held-out photos coded whole at full size "
            f"to real files; lambda {a.lmbda}, ratios {RATIOS.replace(';', ' / ')}; seeds "
            f"{', '.join(map(str, a.seeds))}; {a.steps or 'config'} steps per run; wall time "
-           f"{wall / 3600:.1f} h on this machine. `±` is the standard deviation over seeds.", "",
+           f"{wall / 3600:.1f} h on this machine. `±` is the standard deviation over seeds."
+           + (f" Runs of recipes other than {', '.join(a.recipes)} are read from {a.reuse}, with the configs of that study."
+              if a.reuse else ""), "",
            "## Saving over the static histogram on the same indices (z and map included)", "",
            "| recipe | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean ± sd | photos: min .. max |",
            "|---|" + "---|" * (len(a.seeds) + 2)]
   for v, label in RECIPES.items():
-    if v == "hyperprior_off":
+    if v == "hyperprior_off" or not any((v, s) in runs for s in a.seeds):
       continue
     vals = [100 * runs[(v, s)]["saving"] if (v, s) in runs else None for s in a.seeds]
     photos = [100 * x for s in a.seeds if (v, s) in runs
@@ -136,19 +162,24 @@ def report(a, res, wall) -> str:
     spread = f"{min(photos):+.1f} .. {max(photos):+.1f}%" if photos else "-"
     lines.append(f"| {label} | " + " | ".join("-" if x is None else f"{x:+.1f}%" for x in vals)
                  + f" | {_ms(vals)}% | {spread} |")
-  lines += ["", "## BD-rate of the staged default (negative: fewer bits at equal quality)", "",
-            "| against | metric | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean ± sd |",
-            "|---|---|" + "---|" * (len(a.seeds) + 1)]
-  for other in ("hyperprior_off", "joint"):
-    for m in ("psnr", "lpips"):
-      vals = [per_seed.get(s, {}).get(f"bd_{m}_vs_{other}") for s in a.seeds]
-      lines.append(f"| {RECIPES[other]} | {m.upper()} | "
-                   + " | ".join("n/a" if x is None else f"{x:+.1f}%" for x in vals)
-                   + f" | {_ms(vals)}% |")
+  lines += ["", "## BD-rate of the staged recipes (negative: fewer bits at equal quality)", "",
+            "| recipe | against | metric | " + " | ".join(f"seed {s}" for s in a.seeds)
+            + " | mean ± sd |", "|---|---|---|" + "---|" * (len(a.seeds) + 1)]
+  for v in STAGED:
+    if not any((v, s) in runs for s in a.seeds):
+      continue
+    for other in ("hyperprior_off", "joint"):
+      for m in ("psnr", "lpips"):
+        vals = [per_seed.get(s, {}).get(v, {}).get(f"bd_{m}_vs_{other}") for s in a.seeds]
+        lines.append(f"| {RECIPES[v]} | {RECIPES[other]} | {m.upper()} | "
+                     + " | ".join("n/a" if x is None else f"{x:+.1f}%" for x in vals)
+                     + f" | {_ms(vals)}% |")
   lines += ["", "## Colour: mean shift per channel (R, G, B; /255) over photos and settings", "",
             "| recipe | " + " | ".join(f"seed {s}" for s in a.seeds) + " |",
             "|---|" + "---|" * len(a.seeds)]
   for v, label in RECIPES.items():
+    if not any((v, s) in runs for s in a.seeds):
+      continue
     lines.append(f"| {label} | " + " | ".join(
         "-" if (v, s) not in runs else "{:.1f} / {:.1f} / {:.1f}".format(*runs[(v, s)]["shift_rgb"])
         for s in a.seeds) + " |")
@@ -170,14 +201,14 @@ def report(a, res, wall) -> str:
                    f"{x.get('chosen_mahalanobis_rms', float('nan')):.2f}"
                    for b, x in r["branches"].items())
     lines.append(f"| {RECIPES[v]}, seed {s} | {100 * r['static_vs_fixed']:.1f}% | {br} |")
-  lines += ["", "## Saving per photo (staged default)", "",
-            "| photo | " + " | ".join(f"seed {s}" for s in a.seeds) + " |",
-            "|---|" + "---|" * len(a.seeds)]
-  names = sorted({n for s in a.seeds if ("base", s) in runs for n in runs[("base", s)]["saving_per_photo"]})
+  cols = [(v, s) for v in STAGED for s in a.seeds if (v, s) in runs]
+  lines += ["", "## Saving per photo (staged recipes)", "",
+            "| photo | " + " | ".join(f"{RECIPES[v]}, seed {s}" for v, s in cols) + " |",
+            "|---|" + "---|" * len(cols)]
+  names = sorted({n for c in cols for n in runs[c]["saving_per_photo"]})
   for n in names:
     lines.append(f"| {n} | " + " | ".join(
-        "-" if ("base", s) not in runs else f"{100 * runs[('base', s)]['saving_per_photo'][n]:+.1f}%"
-        for s in a.seeds) + " |")
+        f"{100 * runs[c]['saving_per_photo'][n]:+.1f}%" for c in cols) + " |")
   return "\n".join(lines) + "\n"
 
 
@@ -187,11 +218,20 @@ def main(argv=None):
   ap.add_argument("--workdir", required=True, help="run folders (not copied to --out)")
   ap.add_argument("--out", required=True, help="results folder, e.g. results/recipe")
   ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+  ap.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES),
+                  help=f"comma-separated, of {', '.join(RECIPES)}")
+  ap.add_argument("--reuse", default="", help="an earlier study.json: its runs of the "
+                  "recipes not in --recipes join the tables")
   ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the config's)")
   ap.add_argument("--lmbda", default="0.2")
   ap.add_argument("--analyse-only", action="store_true")
   a = ap.parse_args(argv)
   a.corpus = os.path.abspath(a.corpus)
+  unknown = sorted(set(a.recipes) - set(RECIPES))
+  if unknown:
+    ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+  if a.reuse and not os.path.isfile(a.reuse):
+    ap.error(f"--reuse {a.reuse}: no such study.json")
   t0 = time.time()
   rc = 0 if a.analyse_only else run_sweep(a)
   res = analyse(a)
@@ -202,10 +242,8 @@ def main(argv=None):
   text = report(a, res, time.time() - t0)
   open(os.path.join(a.out, "README.md"), "w").write(text)
   dump = dict(per_seed={str(k): v for k, v in res["per_seed"].items()},
-              runs={f"{v}__seed={s}": {k: r[k] for k in ("saving", "saving_per_photo",
-                                                         "static_vs_fixed", "shift_rgb",
-                                                         "branches", "curve")}
-                    for (v, s), r in res["runs"].items()},
+              runs={f"{v}__seed={s}": {k: r[k] for k in FIELDS}
+                    for (v, s), r in res["runs"].items()}, reuse=a.reuse, recipes=a.recipes,
               jpeg=res["jpeg"], ratios=RATIOS, lmbda=a.lmbda, seeds=a.seeds, steps=a.steps)
   json.dump(dump, open(os.path.join(a.out, "study.json"), "w"), indent=1)
   print(text)

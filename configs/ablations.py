@@ -17,10 +17,18 @@ def _residual(c):
   c.model.hyperprior.update(context="none", spatial="none")   # the contexts read stage 0 only
 
 
+def _staged_long(c):
+  """The staged default with its tokenizer phase as long as a hyperprior-off run's whole
+  budget: the prior phase's steps come on top, so the two tokenizers train equally long."""
+  n, p = c.train.num_steps, round(c.train.num_steps * c.train.prior_fraction)
+  c.train.update(num_steps=n + p, prior_fraction=p / (n + p))
+
+
 VARIANTS = {
     "base": lambda c: None,
     # the paper's recipe: one joint run, the rate priced by the hyperprior throughout
     "joint": lambda c: c.train.update(recipe="joint"),
+    "staged_long": _staged_long,
     "hyperprior_off": _hyperprior_off,
     "per_granularity_codebook": lambda c: c.model.update(shared_codebook=False),
     "no_rate_straight_through": lambda c: c.model.update(rate_straight_through="off"),

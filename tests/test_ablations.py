@@ -195,3 +195,12 @@ def test_sweep_skips_a_plug_in_whose_tokenizer_failed(tmp_path, monkeypatch):
   rc = sweep.main(["--config", "configs/ablations.py", "--workdir", str(tmp_path),
                    "--variants", "hyperprior_off", "--plug-in"])
   assert rc == 1 and len(calls) == 1 and calls[0][3] == "train"   # no eval, no plug-in run
+
+
+def test_staged_long_trains_its_tokenizer_as_long_as_hyperprior_off():
+  from hvq_jax.training import phases
+  base, off, long = (phases.plan(ablations.get_config(n))
+                     for n in ("base", "hyperprior_off", "staged_long"))
+  assert [p.name for p in long] == ["tokenizer", "prior"]
+  assert long[0].steps == off[0].steps == ablations.get_config("base").train.num_steps
+  assert long[1].steps == base[1].steps and long[1].lr == base[1].lr
