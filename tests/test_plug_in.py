@@ -22,6 +22,8 @@ def _cfg(hyper_on: bool, steps: int):
   return c
 
 
+@pytest.mark.slow   # two training runs; the fast suite keeps the frozen-tokenizer check in
+#                     test_phases (prior phase) and the optimiser test below
 def test_plug_in_prior_freezes_the_tokenizer_and_trains_the_prior(tmp_path):
   off = str(tmp_path / "off")
   train.train_and_evaluate(_cfg(False, 0), off, progress=False)   # any tokenizer: its init
