@@ -83,11 +83,9 @@ def _bd(anchor, test, metric):
     return None
 
 
-def _reused(a) -> dict:
-  """The runs of an earlier study that this one does not train, keyed (recipe, seed)."""
-  if not a.reuse:
-    return {}
-  old = json.load(open(a.reuse))
+def _reused(a, old) -> dict:
+  """The runs of an earlier study (its study.json, loaded) that this one does not train,
+  keyed (recipe, seed)."""
   out = {}
   for key, r in old["runs"].items():
     v, s = key.split("__seed=")
@@ -97,7 +95,8 @@ def _reused(a) -> dict:
 
 
 def analyse(a) -> dict:
-  runs = _reused(a)
+  old = json.load(open(a.reuse)) if a.reuse else {"runs": {}}
+  runs = _reused(a, old)
   for v in a.recipes:
     for s in a.seeds:
       d = os.path.join(a.workdir, f"{v}__seed={s}")
@@ -113,9 +112,7 @@ def analyse(a) -> dict:
           static_vs_fixed=summary["static_saving_vs_fixed_length"],
           shift_rgb=_channel_shift(d, ours, a.corpus).tolist(),
           branches=summary["per_branch_bits_per_index"])
-  jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values() if r["rows"]), None)
-  if jpeg is None and a.reuse:
-    jpeg = json.load(open(a.reuse)).get("jpeg")
+  jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values() if r["rows"]), old.get("jpeg"))
   per_seed = {}
   for s in a.seeds:
     row = {}
