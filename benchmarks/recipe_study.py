@@ -39,17 +39,38 @@ FIELDS = ("saving", "saving_per_photo", "static_vs_fixed", "shift_rgb", "branche
 RATIOS = "0,0.2,0.8;0.1,0.4,0.5;0.3,0.4,0.3;0.5,0.3,0.2;0.7,0.2,0.1;0.9,0.1,0"
 
 
+def _steps_overrides(recipe: str, steps: int):
+  """--steps as config overrides: N steps per run, and for staged_long N of tokenizer with
+  its prior steps on top (what the variant does to the config's own num_steps; a plain
+  num_steps override comes after the variant and would undo it)."""
+  if not steps:
+    return []
+  if recipe != "staged_long":
+    return [f"--config.train.num_steps={steps}"]
+  sys.path.insert(0, ROOT)
+  from configs import ablations
+  p = round(steps * float(ablations.get_config("base").train.prior_fraction))
+  return [f"--config.train.num_steps={steps + p}", f"--config.train.prior_fraction={p / (steps + p)!r}"]
+
+
 def run_sweep(a) -> int:
+  """One `hvq sweep` over the recipes (with --steps, one per group of equal overrides)."""
   ev = (f"--images {a.corpus}/heldout --fit-images {a.corpus}/train --lmbdas {a.lmbda} "
         f"--ratios '{RATIOS}' --baselines jpeg --no-dists --no-fid --no-plots")
-  cmd = [sys.executable, "-m", "hvq_jax.cli", "sweep", "--config",
-         os.path.join(ROOT, "configs", "ablations.py"), "--workdir", a.workdir,
-         "--variants", ",".join(a.recipes), "--grid", "seed=" + ",".join(map(str, a.seeds)),
-         "--eval", ev, "--config.data.source=folder",
-         f"--config.data.train_dir={a.corpus}/train", f"--config.data.eval_dir={a.corpus}/heldout"]
-  cmd += [f"--config.train.num_steps={a.steps}"] if a.steps else []
-  print("+", " ".join(cmd), flush=True)
-  return subprocess.run(cmd, cwd=ROOT).returncode
+  groups = {}
+  for r in a.recipes:
+    groups.setdefault(tuple(_steps_overrides(r, a.steps)), []).append(r)
+  rc = 0
+  for overrides, recipes in groups.items():
+    cmd = [sys.executable, "-m", "hvq_jax.cli", "sweep", "--config",
+           os.path.join(ROOT, "configs", "ablations.py"), "--workdir", a.workdir,
+           "--variants", ",".join(recipes), "--grid", "seed=" + ",".join(map(str, a.seeds)),
+           "--eval", ev, "--config.data.source=folder",
+           f"--config.data.train_dir={a.corpus}/train", f"--config.data.eval_dir={a.corpus}/heldout"]
+    cmd += list(overrides)
+    print("+", " ".join(cmd), flush=True)
+    rc = rc or subprocess.run(cmd, cwd=ROOT).returncode
+  return rc
 
 
 def _rows(run_dir):

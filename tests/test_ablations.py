@@ -204,3 +204,28 @@ def test_staged_long_trains_its_tokenizer_as_long_as_hyperprior_off():
   assert [p.name for p in long] == ["tokenizer", "prior"]
   assert long[0].steps == off[0].steps == ablations.get_config("base").train.num_steps
   assert long[1].steps == base[1].steps and long[1].lr == base[1].lr
+
+
+def test_recipe_study_steps_keep_staged_long_equal_to_hyperprior_off():
+  """`recipe_study --steps N`: the overrides it passes give staged_long N tokenizer steps
+  (as many as a hyperprior-off run's N) and the prior phase of a base run of N steps."""
+  import ml_collections
+  from hvq_jax.training import phases
+  from benchmarks import recipe_study
+
+  def planned(name, n):
+    c = ablations.get_config(name)
+    for o in recipe_study._steps_overrides(name, n):
+      key, value = o[len("--config."):].split("=")
+      node = c
+      for k in key.split(".")[:-1]:
+        node = node[k]
+      leaf = key.split(".")[-1]
+      node[leaf] = type(node[leaf])(float(value) if "." in value else int(value))
+    assert isinstance(c, ml_collections.ConfigDict)
+    return phases.plan(c)
+
+  for n in (100, 333):
+    long, off, base = (planned(r, n) for r in ("staged_long", "hyperprior_off", "base"))
+    assert long[0].steps == off[0].steps == n
+    assert long[1].steps == base[1].steps == round(n * ablations.get_config("base").train.prior_fraction)
