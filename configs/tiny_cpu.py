@@ -17,10 +17,13 @@ def get_config():
   # (attention over 16 tokens in training and ~1000 on a whole photo shifts them, and a
   # prior trained on crops then misprices whole photos: results/FINDINGS.md).
   m.attn_strides, m.head_attn_strides = (), ()
-  # The decoder keeps its stride-16 attention (chunked: memory linear in pixels). Zeroing
-  # its three blocks in a trained demo decoder changed PSNR by -0.35 to +0.63 dB (mean
-  # +0.01) on 19 whole held-out photos, within a seed's 0.7 dB spread, so it may go; the
-  # recipe study (results/recipe) was run with it, and a model trained without it is not.
+  # The decoder keeps its stride-16 attention (chunked: memory linear in pixels, compute
+  # quadratic in tokens). A demo trained without it (same recipe and seed) on the corpus's
+  # 16 held-out photos, whole, six ratios: PSNR -0.42 dB (per photo -2.59 to +0.40) at 6%
+  # more bits, LPIPS +0.002, DISTS -0.008, saving 28.1% vs 30.4%. With it, decoding costs
+  # 2.4x more per megapixel at 12 MP than at 0.26 MP, without it 1.6x (docs/benchmarks.md).
+  # A run that codes mostly 12 MP photos may train with
+  # --config.model.dec_attn_strides='()' --config.model.dec_mid_attn=False.
   m.codebook_size = 256
   m.codebook_init_scale = 1.0   # entries at the encoder's output scale: codes live from step 0
   m.l2_normalized = True        # bounded VQ loss: unnormalised codes drifted away from y here
