@@ -57,7 +57,17 @@ def _photo(h: int, w: int) -> np.ndarray:
   return np.ascontiguousarray(np.tile(tile, reps)[:h, :w])
 
 
-def _status(field: str) -> int:
+def reset_peak() -> int:
+  """Freed heap back to the system and VmHWM := VmRSS; returns that resident size, so that
+  VmHWM less it is what the work after this call holds at its peak."""
+  import ctypes
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  return proc_status("VmRSS")
+
+
+def proc_status(field: str) -> int:
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith(field + ":"):
@@ -78,11 +88,7 @@ def _one(a) -> dict:
   times, stages = [], []
   for i in range(1 if a.direction == "compile" else 2):
     if i == 1:   # the second call alone: the first loaded the programs
-      import ctypes
-      ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap back to the system
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")   # VmHWM := VmRSS
-      base = _status("VmRSS")
+      base = reset_peak()
     t = time.perf_counter()
     if a.direction in ("encode", "compile"):
       out, st = profile.compress(model, img)
@@ -97,7 +103,7 @@ def _one(a) -> dict:
   if a.direction == "compile":
     return {}
   return dict(seconds=times[1], first_seconds=times[0], stages=stages[1],
-              peak_bytes=_status("VmHWM") - base, hwm_bytes=_status("VmHWM"), base_bytes=base,
+              peak_bytes=proc_status("VmHWM") - base, hwm_bytes=proc_status("VmHWM"), base_bytes=base,
               bytes=len(out) if a.direction != "decode" else len(data))
 
 

@@ -20,13 +20,8 @@ import tempfile
 
 import numpy as np
 
-
-def _status(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1]) * 1024
-  return 0
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.codec import proc_status, reset_peak  # noqa: E402
 
 
 def _child(a) -> None:
@@ -49,12 +44,12 @@ def _child(a) -> None:
       return header, idx, gmap
     synth = lambda: torch_model.decompress(net, data)
   _, idx, gmap = load()
-  base = _status("VmRSS")
+  base = reset_peak()
   t = time.perf_counter()
   img = synth()
   seconds = time.perf_counter() - t
   np.savez(a.result, img=img, gmap=gmap, seconds=seconds,
-           peak=max(0, _status("VmHWM") - base), **{f"idx_{k}": v for k, v in idx.items()})
+           peak=max(0, proc_status("VmHWM") - base), **{f"idx_{k}": v for k, v in idx.items()})
 
 
 def main(argv=None):
