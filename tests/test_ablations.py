@@ -229,3 +229,12 @@ def test_recipe_study_steps_keep_staged_long_equal_to_hyperprior_off():
     long, off, base = (planned(r, n) for r in ("staged_long", "hyperprior_off", "base"))
     assert long[0].steps == off[0].steps == n
     assert long[1].steps == base[1].steps == round(n * ablations.get_config("base").train.prior_fraction)
+
+
+def test_quad_long_prior_keeps_the_tokenizer_phase_and_triples_the_prior_phase():
+  from hvq_jax.training import phases
+  base, quad = (phases.plan(ablations.get_config(n)) for n in ("base", "quad_long_prior"))
+  assert [p.name for p in quad] == [p.name for p in base] == ["tokenizer", "prior"]
+  assert quad[0].steps == base[0].steps
+  assert quad[1].steps == 3 * base[1].steps and quad[1].lr == base[1].lr
+  assert ablations.get_config("quad_long_prior").model.hyperprior.spatial == "quad"
