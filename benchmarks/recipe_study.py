@@ -40,17 +40,18 @@ RATIOS = "0,0.2,0.8;0.1,0.4,0.5;0.3,0.4,0.3;0.5,0.3,0.2;0.7,0.2,0.1;0.9,0.1,0"
 
 
 def _steps_overrides(recipe: str, steps: int):
-  """--steps as config overrides: N steps per run, and for staged_long N of tokenizer with
-  its prior steps on top (what the variant does to the config's own num_steps; a plain
-  num_steps override comes after the variant and would undo it)."""
+  """--steps as config overrides: the recipe's variant applied to a config of N steps, its
+  num_steps and prior_fraction passed on (a plain num_steps override would come after the
+  variant and undo what it does to the steps, e.g. staged_long's prior steps on top)."""
   if not steps:
     return []
-  if recipe != "staged_long":
-    return [f"--config.train.num_steps={steps}"]
   sys.path.insert(0, ROOT)
   from configs import ablations
-  p = round(steps * float(ablations.get_config("base").train.prior_fraction))
-  return [f"--config.train.num_steps={steps + p}", f"--config.train.prior_fraction={p / (steps + p)!r}"]
+  c = ablations.get_config("base")
+  c.train.num_steps = steps
+  ablations.VARIANTS[recipe](c)
+  return [f"--config.train.num_steps={c.train.num_steps}",
+          f"--config.train.prior_fraction={c.train.prior_fraction!r}"]
 
 
 def run_sweep(a) -> int:

@@ -37,8 +37,9 @@ def _child(a) -> None:
     from hvq_jax.entropy import streams
     from hvq_jax.interop import export, torch_model
     net = torch_model.from_safetensors(a.export)
+    net.coding = export.load_coding(a.export)   # read once; decompress uses it too
     def load():
-      tables, fp, c = export.load_coding(a.export)
+      tables, fp, c = net.coding
       header, payload, hw = streams.read_header(data, fp, net.cfg, c["max_pixels"])
       gmap, idx = streams.decode(tables, net.cfg, int(c["z_range"]), header, payload, hw)
       return header, idx, gmap
