@@ -14,11 +14,18 @@ granularity ratios (`hvq eval`), and writes into --out:
   python benchmarks/recipe_study.py --corpus /data/corpus --workdir runs/recipe --out results/recipe
 
 Runs already finished in --workdir are skipped, so an interrupted study resumes. `--reuse
-STUDY.json` takes the runs that --recipes leaves out from an earlier study's study.json (same
-corpus, ratios, lambda and configs), so a new recipe is compared without retraining the old:
+A.json,B.json` takes runs (recipe, seed) from earlier studies' study.json (same corpus,
+ratios, lambda and configs; later files win, a run finished in --workdir wins over all), and
+only the rest are trained, so a new recipe or seed is compared without retraining the old:
 
   python benchmarks/recipe_study.py --corpus /data/corpus --workdir runs/recipe_long \
       --out results/recipe_long --recipes staged_long --seeds 0,1 --reuse results/recipe/study.json
+
+`--run RECIPE:SEED=DIR` counts an evaluated run folder made otherwise (e.g. a recipe's
+phases as two runs: a tokenizer, then a plug-in prior on it) as that recipe's seed. Its
+colour shift is read from its eval's reconstructions, or, where the eval kept none, from the
+run of the same seed whose mean PSNR and LPIPS are identical at every setting (the same
+tokenizer: the same pixels).
 """
 import argparse
 import json
@@ -33,8 +40,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RECIPES = {"base": "staged (default)", "staged_long": "staged, tokenizer phase = hyperprior off's budget",
+           "staged_long_quad": "staged_long, quad prior phase of 3x the steps",
            "joint": "joint", "hyperprior_off": "hyperprior off"}
-STAGED = ("base", "staged_long")      # the rows whose BD-rate against the others is reported
+STAGED = ("base", "staged_long", "staged_long_quad")      # the rows whose BD-rate against the others is reported
 FIELDS = ("saving", "saving_per_photo", "static_vs_fixed", "shift_rgb", "branches", "curve")
 RATIOS = "0,0.2,0.8;0.1,0.4,0.5;0.3,0.4,0.3;0.5,0.3,0.2;0.7,0.2,0.1;0.9,0.1,0"
 
@@ -59,13 +67,14 @@ def run_sweep(a) -> int:
   ev = (f"--images {a.corpus}/heldout --fit-images {a.corpus}/train --lmbdas {a.lmbda} "
         f"--ratios '{RATIOS}' --baselines jpeg --no-dists --no-fid --no-plots")
   groups = {}
-  for r in a.recipes:
-    groups.setdefault(tuple(_steps_overrides(r, a.steps)), []).append(r)
+  for r, seeds in _to_train(a):
+    if seeds:
+      groups.setdefault((tuple(_steps_overrides(r, a.steps)), tuple(seeds)), []).append(r)
   rc = 0
-  for overrides, recipes in groups.items():
+  for (overrides, seeds), recipes in groups.items():
     cmd = [sys.executable, "-m", "hvq_jax.cli", "sweep", "--config",
            os.path.join(ROOT, "configs", "ablations.py"), "--workdir", a.workdir,
-           "--variants", ",".join(recipes), "--grid", "seed=" + ",".join(map(str, a.seeds)),
+           "--variants", ",".join(recipes), "--grid", "seed=" + ",".join(map(str, seeds)),
            "--eval", ev, "--config.data.source=folder",
            f"--config.data.train_dir={a.corpus}/train", f"--config.data.eval_dir={a.corpus}/heldout"]
     cmd += list(overrides)
@@ -105,36 +114,75 @@ def _bd(anchor, test, metric):
     return None
 
 
-def _reused(a, old) -> dict:
-  """The runs of an earlier study (its study.json, loaded) that this one does not train,
-  keyed (recipe, seed)."""
+def _reused(a) -> dict:
+  """The runs of earlier studies (--reuse, in order, later files winning) of this study's
+  seeds, keyed (recipe, seed)."""
   out = {}
-  for key, r in old["runs"].items():
-    v, s = key.split("__seed=")
-    if v not in a.recipes and int(s) in a.seeds:
-      out[(v, int(s))] = dict(dir=a.reuse, rows=[], summary={}, **{k: r[k] for k in FIELDS})
+  for path in filter(None, a.reuse.split(",")):
+    for key, r in json.load(open(path))["runs"].items():
+      v, s = key.split("__seed=")
+      if int(s) in a.seeds and v in RECIPES:
+        out[(v, int(s))] = dict(dir=path, rows=[], summary={}, **{k: r[k] for k in FIELDS})
   return out
 
 
+def _extra_runs(a) -> dict:
+  """--run RECIPE:SEED=DIR, as {(recipe, seed): DIR}."""
+  out = {}
+  for spec in a.run:
+    key, _, d = spec.partition("=")
+    v, _, s = key.partition(":")
+    if v not in RECIPES or not s.isdigit() or not os.path.isfile(os.path.join(d, "eval", "summary.json")):
+      raise SystemExit(f"--run {spec}: want RECIPE:SEED=DIR with RECIPE one of "
+                       f"{', '.join(RECIPES)} and DIR/eval/summary.json present")
+    out[(v, int(s))] = d
+  return out
+
+
+def _to_train(a):
+  """(recipe, seeds) pairs --recipes x --seeds has to train: those no --reuse or --run gives."""
+  have = set(_reused(a)) | set(_extra_runs(a))
+  return [(v, [s for s in a.seeds if (v, s) not in have]) for v in a.recipes]
+
+
+def _same_pixels_shift(runs, v, s, curve):
+  """The colour shift of the run of seed s (not v) whose curve has the same PSNR and LPIPS."""
+  key = lambda c: [(round(p["psnr"], 6), None if p["lpips"] is None else round(p["lpips"], 6))
+                   for p in c]
+  for (w, t), r in runs.items():
+    if t == s and w != v and key(r["curve"]) == key(curve):
+      return r["shift_rgb"]
+  raise SystemExit(f"{v} seed {s}: its eval kept no reconstructions and no run of seed {s} "
+                   "has the same PSNR and LPIPS at every setting to take the colour from")
+
+
 def analyse(a) -> dict:
-  old = json.load(open(a.reuse)) if a.reuse else {"runs": {}}
-  runs = _reused(a, old)
+  runs = _reused(a)
+  dirs = _extra_runs(a)
   for v in a.recipes:
     for s in a.seeds:
       d = os.path.join(a.workdir, f"{v}__seed={s}")
-      if not os.path.isfile(os.path.join(d, "eval", "summary.json")):
-        continue
-      rows = _rows(d)
-      ours = [r for r in rows if r["method"] == "hvq"]
-      summary = json.load(open(os.path.join(d, "eval", "summary.json")))
-      runs[(v, s)] = dict(
-          dir=d, rows=rows, summary=summary, curve=_curve(rows),
-          saving=summary["hyperprior_saving_vs_static"],
-          saving_per_photo=summary["saving_vs_static_per_image"],
-          static_vs_fixed=summary["static_saving_vs_fixed_length"],
-          shift_rgb=_channel_shift(d, ours, a.corpus).tolist(),
-          branches=summary["per_branch_bits_per_index"])
-  jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values() if r["rows"]), old.get("jpeg"))
+      if os.path.isfile(os.path.join(d, "eval", "summary.json")):
+        dirs[(v, s)] = d
+  for (v, s), d in dirs.items():
+    rows = _rows(d)
+    ours = [r for r in rows if r["method"] == "hvq"]
+    summary = json.load(open(os.path.join(d, "eval", "summary.json")))
+    curve = _curve(rows)
+    shift = (_channel_shift(d, ours, a.corpus).tolist()
+             if os.path.isdir(os.path.join(d, "eval", "recon")) else None)
+    runs[(v, s)] = dict(
+        dir=d, rows=rows, summary=summary, curve=curve,
+        saving=summary["hyperprior_saving_vs_static"],
+        saving_per_photo=summary["saving_vs_static_per_image"],
+        static_vs_fixed=summary["static_saving_vs_fixed_length"],
+        shift_rgb=shift, branches=summary["per_branch_bits_per_index"])
+  for (v, s), r in runs.items():
+    if r["shift_rgb"] is None:
+      r["shift_rgb"] = _same_pixels_shift(runs, v, s, r["curve"])
+  old_jpeg = [json.load(open(p)).get("jpeg") for p in filter(None, a.reuse.split(","))]
+  jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values() if r["rows"]),
+              next((j for j in old_jpeg if j), None))
   per_seed = {}
   for s in a.seeds:
     row = {}
@@ -157,7 +205,7 @@ def _ms(vals):
   vals = [v for v in vals if v is not None]
   if not vals:
     return "-"
-  return f"{np.mean(vals):+.1f}" + (f" ± {np.std(vals):.1f}" if len(vals) > 1 else "")
+  return f"{np.mean(vals):+.1f}" + (f" ± {np.std(vals, ddof=1):.1f}" if len(vals) > 1 else "")
 
 
 def report(a, res, wall) -> str:
@@ -166,9 +214,11 @@ def report(a, res, wall) -> str:
            f"Corpus: {a.corpus} (docs/corpus.md); held-out photos coded whole at full size "
            f"to real files; lambda {a.lmbda}, ratios {RATIOS.replace(';', ' / ')}; seeds "
            f"{', '.join(map(str, a.seeds))}; {a.steps or 'config'} steps per run; wall time "
-           f"{wall / 3600:.1f} h on this machine. `±` is the standard deviation over seeds."
-           + (f" Runs of recipes other than {', '.join(a.recipes)} are read from {a.reuse}, with the configs of that study."
-              if a.reuse else ""), "",
+           f"{wall / 3600:.1f} h on this machine. `±` is the sample standard deviation over seeds."
+           + (f" Runs not trained here are read from {a.reuse.replace(',', ', ')}, with the configs of those studies."
+              if a.reuse else "")
+           + "".join(f" {RECIPES[v]}, seed {s}: the run folder {d}." for (v, s), d in _extra_runs(a).items()),
+           "",
            "## Saving over the static histogram on the same indices (z and map included)", "",
            "| recipe | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean ± sd | photos: min .. max |",
            "|---|" + "---|" * (len(a.seeds) + 2)]
@@ -239,8 +289,10 @@ def main(argv=None):
   ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
   ap.add_argument("--recipes", type=lambda s: s.split(","), default=list(RECIPES),
                   help=f"comma-separated, of {', '.join(RECIPES)}")
-  ap.add_argument("--reuse", default="", help="an earlier study.json: its runs of the "
-                  "recipes not in --recipes join the tables")
+  ap.add_argument("--reuse", default="", help="earlier studies' study.json, comma-separated: "
+                  "their runs of --seeds join the tables and are not trained again")
+  ap.add_argument("--run", action="append", default=[], metavar="RECIPE:SEED=DIR",
+                  help="an evaluated run folder made otherwise, counted as that recipe's seed")
   ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the config's)")
   ap.add_argument("--lmbda", default="0.2")
   ap.add_argument("--analyse-only", action="store_true")
@@ -249,8 +301,10 @@ def main(argv=None):
   unknown = sorted(set(a.recipes) - set(RECIPES))
   if unknown:
     ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
-  if a.reuse and not os.path.isfile(a.reuse):
-    ap.error(f"--reuse {a.reuse}: no such study.json")
+  for path in filter(None, a.reuse.split(",")):
+    if not os.path.isfile(path):
+      ap.error(f"--reuse {path}: no such study.json")
+  _extra_runs(a)
   t0 = time.time()
   rc = 0 if a.analyse_only else run_sweep(a)
   res = analyse(a)
@@ -262,7 +316,7 @@ def main(argv=None):
   open(os.path.join(a.out, "README.md"), "w").write(text)
   dump = dict(per_seed={str(k): v for k, v in res["per_seed"].items()},
               runs={f"{v}__seed={s}": {k: r[k] for k in FIELDS}
-                    for (v, s), r in res["runs"].items()}, reuse=a.reuse, recipes=a.recipes,
+                    for (v, s), r in res["runs"].items()}, reuse=a.reuse, run=a.run, recipes=a.recipes,
               jpeg=res["jpeg"], ratios=RATIOS, lmbda=a.lmbda, seeds=a.seeds, steps=a.steps)
   json.dump(dump, open(os.path.join(a.out, "study.json"), "w"), indent=1)
   print(text)

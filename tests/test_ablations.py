@@ -231,10 +231,11 @@ def test_recipe_study_steps_keep_staged_long_equal_to_hyperprior_off():
     assert long[1].steps == base[1].steps == round(n * ablations.get_config("base").train.prior_fraction)
 
 
-def test_quad_long_prior_keeps_the_tokenizer_phase_and_triples_the_prior_phase():
+def test_staged_long_quad_has_staged_longs_tokenizer_phase_and_three_times_the_prior_phase():
   from hvq_jax.training import phases
-  base, quad = (phases.plan(ablations.get_config(n)) for n in ("base", "quad_long_prior"))
+  base, long, quad = (phases.plan(ablations.get_config(n))
+                      for n in ("base", "staged_long", "staged_long_quad"))
   assert [p.name for p in quad] == [p.name for p in base] == ["tokenizer", "prior"]
-  assert quad[0].steps == base[0].steps
+  assert quad[0].steps == long[0].steps == ablations.get_config("base").train.num_steps
   assert quad[1].steps == 3 * base[1].steps and quad[1].lr == base[1].lr
-  assert ablations.get_config("quad_long_prior").model.hyperprior.spatial == "quad"
+  assert ablations.get_config("staged_long_quad").model.hyperprior.spatial == "quad"
