@@ -46,8 +46,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 HEADER = struct.Struct("<4sB8sIIf3I8sI")   # entropy/bitstream.py's container header
+COLOUR = struct.Struct("<12h")              # format 4's colour words, after it
+HEAD = HEADER.size + COLOUR.size            # where a format-4 payload begins
 FIELDS = dict(magic=(0, 4), version=(4, 1), fingerprint=(5, 8), height=(13, 4), width=(17, 4),
-              lmbda=(21, 4), c0=(25, 4), c1=(29, 4), c2=(33, 4), digest=(37, 8), n_words=(45, 4))
+              lmbda=(21, 4), c0=(25, 4), c1=(29, 4), c2=(33, 4), digest=(37, 8), n_words=(45, 4),
+              colour=(49, 24))
 KINDS = ("hyperprior", "hyperprior_off", "residual_vq", "spatial")
 # (height, width): one coarse patch; odd sizes; a few hundred fine positions
 SIZES = ((16, 16), (37, 53), (64, 77), (96, 128))
@@ -251,8 +254,8 @@ def mutate_header(rng, data: bytes, coarse_stride: int = 16) -> Tuple[str, bytes
   h, w, counts, n_words = f[3], f[4], list(f[6:9]), f[10]
   what = str(rng.choice(["magic", "version", "fingerprint", "height", "width", "size_same_pad",
                          "size_consistent", "lmbda", "lmbda_valid", "counts", "counts_moved",
-                         "digest", "n_words", "n_words_resized"]))
-  if what in ("magic", "fingerprint", "digest"):
+                         "digest", "n_words", "n_words_resized", "colour"]))
+  if what in ("magic", "fingerprint", "digest", "colour"):
     off, size = FIELDS[what]
     v = bytearray(body[off:off + size])
     v[int(rng.integers(size))] ^= 1 << int(rng.integers(8))
@@ -260,7 +263,7 @@ def mutate_header(rng, data: bytes, coarse_stride: int = 16) -> Tuple[str, bytes
       v = bytearray(rng.bytes(size))
     body = _set(body, what, bytes(v))
   elif what == "version":
-    body = _set(body, "version", bytes([int(rng.choice([0, 1, 2, 3, 4, 255, int(rng.integers(256))]))]))
+    body = _set(body, "version", bytes([int(rng.choice([0, 1, 2, 3, 4, 5, 255, int(rng.integers(256))]))]))
   elif what in ("height", "width"):
     body = _set(body, what, _u32(_boundary_u32(rng, h if what == "height" else w)))
   elif what == "size_same_pad":   # same padded grid: counts still add up, symbols identical
@@ -300,15 +303,15 @@ def mutate_header(rng, data: bytes, coarse_stride: int = 16) -> Tuple[str, bytes
     body = _set(body, "n_words", _u32(_boundary_u32(rng, n_words)))
   else:   # n_words_resized: the length checks pass, the payload is shorter or longer
     k = int(rng.integers(0, 2 * n_words + 3))
-    payload = body[HEADER.size:]
+    payload = body[HEAD:]
     payload = payload[:4 * k] + rng.bytes(max(0, 4 * k - len(payload)))
-    body = _set(body[:HEADER.size], "n_words", _u32(k)) + payload
+    body = _set(body[:HEAD], "n_words", _u32(k)) + payload
   return what, with_crc(body)
 
 
 def mutate_payload(rng, data: bytes) -> Tuple[str, bytes]:
   """Change the payload and recompute the CRC (the range decoder and digest must cope)."""
-  head, payload = bytearray(data[:HEADER.size]), bytearray(data[HEADER.size:-4])
+  head, payload = bytearray(data[:HEAD]), bytearray(data[HEAD:-4])
   n = len(payload)
   what = str(rng.choice(["bits", "bytes", "word", "run", "swap", "shorter", "longer",
                          "random"]))
@@ -368,19 +371,19 @@ def mutate(rng, data: bytes, other: bytes) -> Tuple[str, str, bytes]:
     elif kind == "payload_crc":
       variant, out = mutate_payload(rng, data)
     elif kind == "splice":   # this header (digest included) on another file's payload
-      n = len(other) - HEADER.size - 4
-      head = bytearray(data[:HEADER.size])
+      n = len(other) - HEAD - 4
+      head = bytearray(data[:HEAD])
       head[FIELDS["n_words"][0]:FIELDS["n_words"][0] + 4] = _u32(n // 4)
-      variant, out = "", with_crc(bytes(head) + other[HEADER.size:-4])
+      variant, out = "", with_crc(bytes(head) + other[HEAD:-4])
     else:
       variant = str(rng.choice(["raw", "magic_version", "valid_header", "valid_header_digest"]))
       n = int(rng.integers(0, 600))
       if variant == "raw":
         out = rng.bytes(n)
       elif variant == "magic_version":
-        out = with_crc(b"HVQC" + bytes([int(rng.choice([2, 3]))]) + rng.bytes(n))
+        out = with_crc(b"HVQC" + bytes([int(rng.choice([2, 3, 4]))]) + rng.bytes(n))
       else:   # this model's valid header on a random payload (digest random or the original's)
-        head = bytearray(data[:HEADER.size])
+        head = bytearray(data[:HEAD])
         if variant == "valid_header":
           head[FIELDS["digest"][0]:FIELDS["digest"][0] + 8] = rng.bytes(8)
         head[FIELDS["n_words"][0]:FIELDS["n_words"][0] + 4] = _u32(n // 4)

@@ -83,7 +83,8 @@ class Coder:
     o = self.options
     if self.cmd == "compress":
       data = codec.compress(self.model, images.read_image(path), lmbda=o.get("lmbda"),
-                            ratios=o.get("ratios"), target_bpp=o.get("target_bpp"))
+                            ratios=o.get("ratios"), target_bpp=o.get("target_bpp"),
+                            colour=o.get("colour", True))
       def write(tmp):
         with open(tmp, "wb") as f:
           f.write(data)

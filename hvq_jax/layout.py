@@ -151,10 +151,11 @@ def stream_plan(model_cfg, counts: Sequence[int]) -> List[Stream]:
   return plan
 
 
-def format_version(model_cfg) -> int:
-  """The .hvq format version a model writes and reads (entropy/bitstream.py): 3 when its
-  index streams come in spatial passes, else 2 (the files of models without a spatial
-  context are what format 2 always was)."""
+def payload_version(model_cfg) -> int:
+  """The .hvq format version whose payload a model's files carry (entropy/bitstream.py): 3
+  when its index streams come in spatial passes, else 2 (the files of models without a
+  spatial context are what format 2 always was). It writes format 4 (that payload and the
+  colour transform) and reads this version and 4."""
   return 3 if model_cfg.hyperprior.enabled and num_passes(model_cfg) > 1 else 2
 
 

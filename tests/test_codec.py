@@ -14,6 +14,7 @@ from PIL import Image
 
 from hvq_jax.entropy import bitstream
 from hvq_jax import codec
+from hvq_jax import colour
 from hvq_jax import images
 from hvq_jax.training import train
 from hvq_jax.training import heldout
@@ -58,7 +59,8 @@ def _forward(cmodel, img, lmbda, ratios):
 ])
 def test_round_trip_matches_forward(cmodel, name, crop):
   img = images.bundled_photo(name)[crop]
-  data = codec.compress(cmodel, img)
+  data = codec.compress(cmodel, img, colour=False)   # the networks' path alone
+  assert bitstream.unpack(data)[0].colour == colour.IDENTITY
   out = codec.decompress(cmodel, data)
   assert out.shape == img.shape and out.dtype == np.uint8
   recon, bits, idx, masks = _forward(cmodel, img, cmodel.default_lmbda, cmodel.default_ratios)
@@ -78,7 +80,7 @@ def test_file_size_close_to_estimate(cmodel, photo, encoded):
 
 
 def test_ratios_and_lambda_in_header(cmodel, photo):
-  data = codec.compress(cmodel, photo, lmbda=0.7, ratios=(1.0, 0.0, 0.0))
+  data = codec.compress(cmodel, photo, lmbda=0.7, ratios=(1.0, 0.0, 0.0), colour=False)
   header, _ = bitstream.unpack(data)
   assert header.lmbda == pytest.approx(0.7)
   assert header.counts[1:] == (0, 0)

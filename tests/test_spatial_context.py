@@ -106,12 +106,12 @@ def test_stream_plan_and_format_version():
   plan = layout.stream_plan(c.model, (1, 2, 3))
   ys = [(s.branch, s.part) for s in plan if s.kind == "y"]
   assert ys == [(g, p) for g in GRANULARITIES for p in (0, 1)]
-  assert layout.format_version(c.model) == 3
+  assert layout.payload_version(c.model) == 3
   c = _config(spatial="quad")
   assert [s.part for s in layout.stream_plan(c.model, (0, 2, 3)) if s.kind == "y"] == [0, 1, 2, 3] * 2
   c = _config(spatial="none")
   assert [s.part for s in layout.stream_plan(c.model, (1, 2, 3))] == [0] * 7
-  assert layout.format_version(c.model) == 2
+  assert layout.payload_version(c.model) == 2
 
 
 def test_spatial_needs_one_stage_the_hyperprior_and_a_known_pattern():
@@ -194,7 +194,7 @@ def test_files_round_trip_and_cost_what_the_rate_model_estimates(sp_model):
   c, m, params, cm = sp_model
   img = images.bundled_photo("chelsea")[:128, :160]
   data, st = profile.compress(cm, img, lmbda=0.2, ratios=RATIOS)
-  assert data[4] == 3
+  assert data[4] == 4 and layout.payload_version(c.model) == 3
   _, idx, gmap = codec.decode_indices(cm, data)
   enc = codec.encode_latents(cm, img, 0.2, RATIOS)
   masks = layout.sent_masks(np.asarray(gmap), tuple(c.model.strides))
@@ -322,9 +322,15 @@ def test_files_of_format_2_still_decode_and_versions_are_checked(sp_model):
   cm_old = codec.CodecModel(cfg, params)
   assert cm_old.fingerprint == _old_fingerprint(params, stored["model"], stored["codec"])
   img = images.bundled_photo("coffee")[:40, :56]
-  data = codec.compress(cm_old, img, lmbda=0.2, ratios=(0.3, 0.3, 0.4))
+  # a file of format 2 (before the colour transform: the payload, the digest of its
+  # symbols alone) decodes, to the networks' pixels
+  _, rec = coder.code_image(cm_old, img, 0.2, (0.3, 0.3, 0.4), colour=False)
+  data = _legacy(codec.compress(cm_old, img, lmbda=0.2, ratios=(0.3, 0.3, 0.4), colour=False),
+                 2, rec)
   assert data[4] == 2
   assert bitstream.unpack(data)[0].version == 2
+  np.testing.assert_array_equal(codec.decompress(cm_old, data), codec.decompress(
+      cm_old, codec.compress(cm_old, img, lmbda=0.2, ratios=(0.3, 0.3, 0.4), colour=False)))
   _, idx, gmap = codec.decode_indices(cm_old, data)
   enc = codec.encode_latents(cm_old, img, 0.2, (0.3, 0.3, 0.4))
   masks = layout.sent_masks(np.asarray(gmap), tuple(cfg.model.strides))
@@ -332,7 +338,6 @@ def test_files_of_format_2_still_decode_and_versions_are_checked(sp_model):
     np.testing.assert_array_equal(idx[g][masks[g]], np.asarray(enc["indices"][g])[masks[g]])
   # the payload is one stream per branch, each over the branch's sent positions in
   # row-major order, as format 2 always was
-  _, rec = coder.code_image(cm_old, img, 0.2, (0.3, 0.3, 0.4))
   assert [(s.kind, s.branch, s.part) for s in rec.names] == [("map", "", 0)] + [
       (kind, g, 0) for kind in ("z", "y") for g in GRANULARITIES]
   for s, (sym, _) in zip(rec.names, rec.streams):
@@ -342,11 +347,20 @@ def test_files_of_format_2_still_decode_and_versions_are_checked(sp_model):
   with pytest.raises(BitstreamError, match="format version 3"):
     codec.decompress(cm_old, _with_crc(data[:4] + bytes([3]) + data[5:-4]))
   c, m, p, cm = sp_model
-  d3 = codec.compress(cm, img, lmbda=0.2, ratios=(0.3, 0.3, 0.4))
+  _, rec3 = coder.code_image(cm, img, 0.2, (0.3, 0.3, 0.4), colour=False)
+  d3 = _legacy(codec.compress(cm, img, lmbda=0.2, ratios=(0.3, 0.3, 0.4), colour=False), 3, rec3)
+  codec.decompress(cm, d3)
   with pytest.raises(BitstreamError, match="format version 2"):
     codec.decompress(cm, _with_crc(d3[:4] + bytes([2]) + d3[5:-4]))
-  with pytest.raises(BitstreamError, match="format version 4 .*newer hvq_jax"):
-    codec.decompress(cm, _with_crc(d3[:4] + bytes([4]) + d3[5:-4]))
+  with pytest.raises(BitstreamError, match="format version 5 .*newer hvq_jax"):
+    codec.decompress(cm, _with_crc(d3[:4] + bytes([5]) + d3[5:-4]))
+
+
+def _legacy(data: bytes, version: int, rec) -> bytes:
+  """A format-4 file as format 2 or 3 wrote it: no colour words, the symbols' digest alone."""
+  header, payload = bitstream.unpack(data)
+  return bitstream.pack(dataclasses.replace(header, version=version, colour=None,
+                                            symbols=rec.digest()), payload)
 
 
 def test_eval_reports_each_pass(sp_model, tmp_path, monkeypatch):

@@ -71,6 +71,9 @@ def run(cmd, argv):
     ap.add_argument("--lmbda", type=float, default=None)
     ap.add_argument("--ratios", default=None, help="coarse,medium,fine fractions")
     ap.add_argument("--target-bpp", type=float, default=None)
+    ap.add_argument("--no-colour", action="store_true",
+                    help="send the identity colour transform: no decode at the encoder "
+                         "(faster; colours drift toward grey, hvq_jax/colour.py)")
   ap.add_argument("--no-progress", action="store_true")
   ap.add_argument("--jobs", type=int, default=0,
                   help="worker processes for several inputs, each on its share of the cores "
@@ -106,7 +109,8 @@ def run(cmd, argv):
         ratios = tuple(float(v) for v in a.ratios.split(","))
       except ValueError:
         sys.exit(f"hvq compress: --ratios must be three numbers like 0.1,0.4,0.5, got {a.ratios!r}")
-    options = dict(lmbda=a.lmbda, ratios=ratios, target_bpp=a.target_bpp)
+    options = dict(lmbda=a.lmbda, ratios=ratios, target_bpp=a.target_bpp,
+                   colour=not a.no_colour)
   if a.step is not None:
     options["step"] = a.step
   backend = getattr(a, "backend", "jax")

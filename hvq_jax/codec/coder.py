@@ -6,6 +6,9 @@ on any device and in PyTorch; the container's symbol digest catches any decoder 
 not follow the encoder. Only the pixels the float synthesis network makes from the
 decoded indices may differ between devices, by float rounding.
 
+The encoder decodes its own symbols to fit the file's colour transform (hvq_jax/colour.py)
+to the original; the decoder applies it, in integers, to the network's uint8 output.
+
 `code_image` and `decode_image` take a `timer` (a context manager per stage: "model",
 "pmf", "range_coding"); `codec/profile.py` passes one, everything else the no-op.
 """
@@ -16,6 +19,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from hvq_jax import colour as colour_lib
 from hvq_jax import compile_cache
 from hvq_jax import images as images_lib
 from hvq_jax import layout
@@ -127,9 +131,28 @@ def symbols(model: CodecModel, lat: dict) -> dict:
   return known
 
 
+def decoded_symbols(model: CodecModel, known: dict):
+  """The symbols as a decoder has them: (indices {branch: int32 [1, h_g, w_g]}, 0 where
+  not sent, as `streams.decode` leaves them; map int32 [1, hc, wc])."""
+  gmap = known[("map", "")][None]
+  masks = layout.sent_masks(gmap, tuple(model.cfg.strides))
+  idx = {k: np.where(masks[g], known[("y", k)][None], 0).astype(np.int32)
+         for k, g, _ in layout.branches(model.cfg)}
+  return idx, gmap
+
+
+def synthesize(model: CodecModel, indices: dict, gmap: np.ndarray, h: int, w: int) -> np.ndarray:
+  """Decoded symbols -> the synthesis network's uint8 [H, W, 3] (no colour transform)."""
+  hp, wp = layout.padded_size(h, w, model.cfg.strides[0])
+  args = (model.params, {k: np.asarray(v) for k, v in indices.items()}, np.asarray(gmap))
+  out = jax.device_get(_decode_program(model, (hp, wp), args)(*args))
+  return np.asarray(out)[0, :h, :w]
+
+
 def code_image(model: CodecModel, img: np.ndarray, lmbda: float, ratios,
-               timer: Timer = NO_TIMER) -> Tuple[bytes, streams.Recorder]:
-  """A prepared uint8 image and checked settings -> (.hvq bytes, the streams as coded)."""
+               timer: Timer = NO_TIMER, colour: bool = True) -> Tuple[bytes, streams.Recorder]:
+  """A prepared uint8 image and checked settings -> (.hvq bytes, the streams as coded).
+  colour=False sends the identity transform (and skips the decode the fit needs)."""
   h, w = img.shape[:2]
   hw = layout.padded_size(h, w, model.cfg.strides[0])
   with timer("model"):
@@ -140,22 +163,28 @@ def code_image(model: CodecModel, img: np.ndarray, lmbda: float, ratios,
                          (h, w), counts, hw, model.index_weights, timer)
   with timer("range_coding"):
     payload = bitstream.encode_streams(rec.streams)
-  header = bitstream.Header(model.fingerprint, h, w, lmbda, counts, rec.digest(),
-                            layout.format_version(model.cfg))
+  words = colour_lib.IDENTITY
+  if colour:
+    with timer("colour"):
+      words = colour_lib.fit(synthesize(model, *decoded_symbols(model, known), h, w), img)
+  header = bitstream.Header(model.fingerprint, h, w, lmbda, counts, rec.digest(
+      bitstream.colour_bytes(bitstream.Header(b"", h, w, lmbda, counts, colour=words))),
+      bitstream.FORMAT_VERSION, words)
   return bitstream.pack(header, payload), rec
 
 
 def compress(model: CodecModel, image, lmbda: Optional[float] = None,
              ratios: Optional[Sequence[float]] = None,
-             target_bpp: Optional[float] = None) -> bytes:
+             target_bpp: Optional[float] = None, colour: bool = True) -> bytes:
   """uint8 image [H, W] / [H, W, 3|4] -> .hvq bytes.
 
   With `target_bpp` the rate settings are searched (`search_rate`, starting from `ratios`).
+  colour=False: the identity colour transform (hvq_jax/colour.py), no decode at the encoder.
   """
   img = prepare_image(model, image)
   if target_bpp is not None:
-    return search_rate(model, img, target_bpp, ratios)[0]
-  return code_image(model, img, *settings(model, lmbda, ratios))[0]
+    return search_rate(model, img, target_bpp, ratios, colour=colour)[0]
+  return code_image(model, img, *settings(model, lmbda, ratios), colour=colour)[0]
 
 
 def decode_indices(model: CodecModel, data: bytes, timer: Timer = NO_TIMER):
@@ -171,13 +200,14 @@ def decode_indices(model: CodecModel, data: bytes, timer: Timer = NO_TIMER):
 
 
 def decode_image(model: CodecModel, data: bytes, timer: Timer = NO_TIMER) -> np.ndarray:
-  """.hvq bytes -> uint8 [H, W, 3]: the indices, then the synthesis network."""
+  """.hvq bytes -> uint8 [H, W, 3]: the indices, the synthesis network, the colour transform."""
   header, indices, gmap = decode_indices(model, data, timer)
-  hp, wp = layout.padded_size(header.height, header.width, model.cfg.strides[0])
   with timer("model"):
-    args = (model.params, {k: np.asarray(v) for k, v in indices.items()}, np.asarray(gmap))
-    out = jax.device_get(_decode_program(model, (hp, wp), args)(*args))
-  return np.asarray(out)[0, :header.height, :header.width]
+    out = synthesize(model, indices, gmap, header.height, header.width)
+  if header.colour is None:
+    return out
+  with timer("colour"):
+    return colour_lib.apply(out, header.colour)
 
 
 def decompress(model: CodecModel, data: bytes) -> np.ndarray:
@@ -187,11 +217,12 @@ def decompress(model: CodecModel, data: bytes) -> np.ndarray:
 
 # ---- rate search ----------------------------------------------------------------------------
 def search_rate(model: CodecModel, image, target_bpp: float,
-                ratios: Optional[Sequence[float]] = None, iters: int = 8):
+                ratios: Optional[Sequence[float]] = None, iters: int = 8, colour: bool = True):
   """Best quality whose real file is at most `target_bpp`: bisect log(lambda) over the
   trained range (x/÷ 8); if even the largest lambda is over, make the ratios coarser.
 
-  Returns (bytes, lambda, ratios, bpp).
+  Returns (bytes, lambda, ratios, bpp). The trials are coded without the colour fit (its
+  24 bytes are there either way), the chosen file once more with it.
   """
   img = prepare_image(model, image)
   if not (np.isfinite(target_bpp) and target_bpp > 0):
@@ -201,20 +232,23 @@ def search_rate(model: CodecModel, image, target_bpp: float,
   lams = [float(v) for v in model.config.rd.lambdas]
   lo, hi = np.log(min(lams) / 8), np.log(max(lams) * 8)
   bpp = lambda d: 8 * len(d) / hw
-  top = compress(model, img, float(np.exp(hi)), base)
+  trial = lambda lam, r: compress(model, img, lam, r, colour=False)
+  # the file as sent: the same payload and size, the transform fitted
+  final = lambda d, lam, r: ((compress(model, img, lam, r) if colour else d), lam, r, bpp(d))
+  top = trial(float(np.exp(hi)), base)
   if bpp(top) > target_bpp:
     for t in np.linspace(1.0, 0.0, 6)[1:]:  # move fine/medium mass to coarse
       rt = (1 - t * (base[1] + base[2]), t * base[1], t * base[2])
-      top = compress(model, img, float(np.exp(hi)), rt)
+      top = trial(float(np.exp(hi)), rt)
       if bpp(top) <= target_bpp:
-        return top, float(np.exp(hi)), rt, bpp(top)
-    return top, float(np.exp(hi)), rt, bpp(top)   # the smallest we can make
-  best = (top, float(np.exp(hi)), base, bpp(top))
+        break
+    return final(top, float(np.exp(hi)), rt)   # (or the smallest we can make)
+  best = (top, float(np.exp(hi)), base)
   for _ in range(iters):
     mid = (lo + hi) / 2
-    d = compress(model, img, float(np.exp(mid)), base)
+    d = trial(float(np.exp(mid)), base)
     if bpp(d) <= target_bpp:
-      best, hi = (d, float(np.exp(mid)), base, bpp(d)), mid
+      best, hi = (d, float(np.exp(mid)), base), mid
     else:
       lo = mid
-  return best
+  return final(*best)

@@ -52,12 +52,14 @@ def stream_stats(rec: streams.Recorder) -> dict:
 
 
 def compress(model: CodecModel, image, lmbda: Optional[float] = None,
-             ratios: Optional[Sequence[float]] = None) -> Tuple[bytes, dict]:
+             ratios: Optional[Sequence[float]] = None, colour: bool = True) -> Tuple[bytes, dict]:
   """`coder.compress` that also returns what the file holds: `stream_stats` plus `seconds`
-  per stage (model, pmf, range_coding) and the number of coded `symbols`."""
+  per stage (model, pmf, range_coding, colour: the decode and fit of the colour transform)
+  and the number of coded `symbols`."""
   img = coder.prepare_image(model, image)
   timer = StageTimer()
-  data, rec = coder.code_image(model, img, *coder.settings(model, lmbda, ratios), timer)
+  data, rec = coder.code_image(model, img, *coder.settings(model, lmbda, ratios), timer,
+                               colour=colour)
   out = stream_stats(rec)
   out.update(seconds=timer.seconds, symbols=sum(len(s) for s, _ in rec.streams))
   return data, out

@@ -9,6 +9,7 @@ Layout (little-endian):
   counts   3 x u32                             coarse/medium/fine patch counts (the ratios)
   symbols  8 bytes  sha256 of the coded symbols (entropy/streams.py), checked after decoding
   length   u32                                 payload size in 32-bit words
+  colour   12 x i16                            format 4: the colour transform (hvq_jax/colour.py)
   payload  length x u32                        constriction range-coder words
   crc32    u32                                 over everything above
 
@@ -26,24 +27,33 @@ A model with a spatial context (config `hyperprior.spatial`) codes each branch's
 in passes (`layout.pass_map`), each pass its own stream in the payload: format 3. Every
 other model writes format 2, whose payload is the same as ever, so files written before
 format 3 existed still decode with their models; a file whose version is not the one its
-model writes is refused by version (`layout.format_version`).
+model writes is refused by version (`layout.payload_version`).
+
+Format 4 adds the colour transform the encoder fits to its own decoded image (G 3x3 and
+o 3 as int16, `hvq_jax/colour.py`), applied by the decoder to its output; its payload is
+the model's (format 2's or 3's), and its words are folded into the symbol digest, so a
+changed transform is an error like a changed symbol. Every model writes format 4; files of
+format 2 and 3 decode as before, without a transform.
 
 Version history: 1 (hvq_jax 0.1) built PMFs from float network outputs and carried no
 symbol digest; such files do not decode exactly across devices and are refused by name.
-2: integer PMFs and the symbol digest. 3: index streams in spatial passes.
+2: integer PMFs and the symbol digest. 3: index streams in spatial passes. 4: the colour
+transform.
 """
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import constriction
 
 MAGIC = b"HVQC"
-FORMAT_VERSION = 3                 # the newest this reader knows
-KNOWN_VERSIONS = (2, 3)            # 2: one index stream per branch; 3: spatial passes
+FORMAT_VERSION = 4                 # the newest this reader knows, what every model writes
+KNOWN_VERSIONS = (2, 3, 4)         # 2: one index stream per branch; 3: spatial passes;
+                                   # 4: either payload, and the colour transform
 _HEADER = struct.Struct("<4sB8sIIf3I8sI")
+_COLOUR = struct.Struct("<12h")
 _CRC = struct.Struct("<I")
 MAX_PIXELS = 1 << 26  # 64 Mpixel: beyond this a header is rejected before any allocation
 
@@ -60,10 +70,21 @@ class Header:
   lmbda: float
   counts: Tuple[int, int, int]
   symbols: bytes = bytes(8)     # digest of the coded symbols
-  version: int = 2              # format version (`layout.format_version` of the model)
+  version: int = FORMAT_VERSION
+  colour: Optional[Tuple[int, ...]] = None   # format 4: the 12 words (hvq_jax/colour.py)
 
 
-CONTAINER_BYTES = _HEADER.size + _CRC.size   # what a file holds besides the payload
+def container_bytes(version: int = FORMAT_VERSION) -> int:
+  """What a file of this version holds besides the payload."""
+  return _HEADER.size + (_COLOUR.size if version >= 4 else 0) + _CRC.size
+
+
+CONTAINER_BYTES = container_bytes()
+
+
+def colour_bytes(header: Header) -> bytes:
+  """The colour words as the symbol digest takes them (nothing before format 4)."""
+  return b"" if header.version < 4 else _COLOUR.pack(*header.colour)
 
 
 def pack(header: Header, payload: np.ndarray) -> bytes:
@@ -72,6 +93,10 @@ def pack(header: Header, payload: np.ndarray) -> bytes:
     raise BitstreamError(f"cannot write format version {header.version}")
   head = _HEADER.pack(MAGIC, header.version, header.fingerprint, header.height, header.width,
                       header.lmbda, *header.counts, header.symbols, payload.size)
+  if header.version >= 4:
+    if header.colour is None or len(header.colour) != _COLOUR.size // 2:
+      raise BitstreamError(f"format {header.version} needs the 12 colour words")
+    head += _COLOUR.pack(*header.colour)
   body = head + payload.tobytes()
   return body + _CRC.pack(zlib.crc32(body))
 
@@ -91,10 +116,13 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
     newer = "; a newer hvq_jax wrote it" if data[4] > FORMAT_VERSION else ""
     raise BitstreamError(f"unsupported format version {data[4]} (this reader knows "
                          f"versions {', '.join(map(str, KNOWN_VERSIONS))}{newer})")
-  if len(data) < _HEADER.size + _CRC.size:
+  version = data[4] if len(data) >= 5 else FORMAT_VERSION
+  start = container_bytes(version) - _CRC.size    # where the payload begins
+  if len(data) < start + _CRC.size:
     raise BitstreamError(f"truncated bitstream: {len(data)} bytes is shorter than the header")
   magic, version, fp, h, w, lmbda, c0, c1, c2, digest, n_words = _HEADER.unpack_from(data)
-  expected = _HEADER.size + 4 * n_words + _CRC.size
+  colour = _COLOUR.unpack_from(data, _HEADER.size) if version >= 4 else None
+  expected = start + 4 * n_words + _CRC.size
   if len(data) < expected:
     raise BitstreamError(f"truncated bitstream: {len(data)} bytes, header says {expected}")
   if len(data) > expected:
@@ -106,8 +134,8 @@ def unpack(data: bytes) -> Tuple[Header, np.ndarray]:
     raise BitstreamError(f"invalid image size {h}x{w} in header")
   if not np.isfinite(lmbda) or lmbda <= 0:
     raise BitstreamError(f"invalid lambda {lmbda} in header")
-  payload = np.frombuffer(data, dtype="<u4", count=n_words, offset=_HEADER.size).astype(np.uint32)
-  return Header(fp, h, w, float(lmbda), (c0, c1, c2), digest, version), payload
+  payload = np.frombuffer(data, dtype="<u4", count=n_words, offset=start).astype(np.uint32)
+  return Header(fp, h, w, float(lmbda), (c0, c1, c2), digest, version, colour), payload
 
 
 # ---- range coding -------------------------------------------------------------------------

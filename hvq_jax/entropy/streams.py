@@ -45,8 +45,11 @@ class Recorder:
     self._digest.update(sym.astype("<i4").tobytes())
     return sym
 
-  def digest(self) -> bytes:
-    return self._digest.digest()[:8]
+  def digest(self, extra: bytes = b"") -> bytes:
+    """The symbols' digest, `extra` (format 4: the colour words) folded in last."""
+    d = self._digest.copy()
+    d.update(extra)
+    return d.digest()[:8]
 
   def observe(self, stream: layout.Stream, mu: np.ndarray, ls: np.ndarray) -> None:
     """Keep a stream's priors, a branch's passes one after the other (as coded)."""
@@ -68,8 +71,7 @@ class Reader:
     self._digest.update(sym.astype("<i4").tobytes())
     return sym
 
-  def digest(self) -> bytes:
-    return self._digest.digest()[:8]
+  digest = Recorder.digest
 
   def exhausted(self) -> bool:
     return self._dec.exhausted()
@@ -167,11 +169,11 @@ def read_header(data: bytes, fingerprint: bytes, model_cfg, max_pixels: int):
   if header.fingerprint != fingerprint:
     raise BitstreamError("bitstream was written by a different model (fingerprint "
                          f"{header.fingerprint.hex()}, this model {fingerprint.hex()})")
-  want = layout.format_version(model_cfg)
-  if header.version != want:
-    raise BitstreamError(f"format version {header.version} for a model that writes version "
-                         f"{want} (version 3: indices in spatial passes, "
-                         f"hyperprior.spatial={model_cfg.hyperprior.spatial!r} here)")
+  want = layout.payload_version(model_cfg)
+  if header.version not in (want, bitstream.FORMAT_VERSION):
+    raise BitstreamError(f"format version {header.version} for a model whose files are "
+                         f"version {want} or {bitstream.FORMAT_VERSION} (version 3: indices in "
+                         f"spatial passes, hyperprior.spatial={model_cfg.hyperprior.spatial!r} here)")
   h, w = header.height, header.width
   if h * w > int(max_pixels):
     raise BitstreamError(f"image size {h}x{w} in header is over this model's limit")
@@ -199,7 +201,7 @@ def decode(tables, model_cfg, z_range: int, header, payload, hw, index_weights=N
   reader = Reader(payload, header.height, header.width, header.counts)
   gmap, indices = walk(reader, tables, model_cfg, z_range, header.counts, *hw, index_weights,
                        timer)
-  if reader.digest() != header.symbols:
+  if reader.digest(bitstream.colour_bytes(header)) != header.symbols:
     raise BitstreamError("decoded symbols do not match the file's symbol digest: it was "
                          "made with a different model or entropy path, or its payload "
                          "was altered")

@@ -477,4 +477,8 @@ def decompress(net: HVQ, data: bytes) -> np.ndarray:
   x = net.decode_latents({k: torch.from_numpy(v) for k, v in indices.items()},
                          torch.from_numpy(gmap), hw)
   img = torch.clamp(torch.round((x + 1.0) * 127.5), 0, 255).to(torch.uint8)
-  return img[0].permute(1, 2, 0)[:header.height, :header.width].numpy()
+  img = img[0].permute(1, 2, 0)[:header.height, :header.width].numpy()
+  if header.colour is None:
+    return img
+  from hvq_jax import colour    # integers on the host: the JAX decoder's very code
+  return colour.apply(img, header.colour)
