@@ -43,7 +43,8 @@ RECIPES = {"base": "staged (default)", "staged_long": "staged, tokenizer phase =
            "staged_long_quad": "staged_long, quad prior phase of 3x the steps",
            "joint": "joint", "hyperprior_off": "hyperprior off"}
 STAGED = ("base", "staged_long", "staged_long_quad")      # the rows whose BD-rate against the others is reported
-FIELDS = ("saving", "saving_per_photo", "static_vs_fixed", "shift_rgb", "branches", "curve")
+FIELDS = ("saving", "saving_per_photo", "static_vs_fixed", "shift_rgb", "shift_rgb_colour",
+          "branches", "curve")
 RATIOS = "0,0.2,0.8;0.1,0.4,0.5;0.3,0.4,0.3;0.5,0.3,0.2;0.7,0.2,0.1;0.9,0.1,0"
 
 
@@ -89,14 +90,18 @@ def _rows(run_dir):
 
 
 def _channel_shift(run_dir, rows, corpus):
-  """Mean |mean_c(original) - mean_c(decoded)| per channel c over photos and settings."""
-  from hvq_jax import images
+  """Mean |mean_c(original) - mean_c(decoded)| per channel c over photos and settings:
+  (the networks' decoded image, the same with the colour transform a format-4 file carries,
+  `colour.fit` of that image: benchmarks/colour_effect.py)."""
+  from hvq_jax import colour, images
   out = []
   for r in rows:
     name = f"{r['image']}__{r['setting'].replace(' ', '__')}.png"
     rec = images.read_image(os.path.join(run_dir, "eval", "recon", name))
     orig = images.read_image(os.path.join(corpus, "heldout", r["image"] + ".png"))
-    out.append(np.abs(orig.reshape(-1, 3).mean(0) - rec.reshape(-1, 3).mean(0)))
+    fixed = colour.apply(rec, colour.fit(rec, orig))
+    m = lambda x: x.reshape(-1, 3).mean(0, dtype=np.float64)
+    out.append([np.abs(m(orig) - m(rec)), np.abs(m(orig) - m(fixed))])
   return np.mean(out, 0)
 
 
@@ -122,7 +127,7 @@ def _reused(a) -> dict:
     for key, r in json.load(open(path))["runs"].items():
       v, s = key.split("__seed=")
       if int(s) in a.seeds and v in RECIPES:
-        out[(v, int(s))] = dict(dir=path, rows=[], summary={}, **{k: r[k] for k in FIELDS})
+        out[(v, int(s))] = dict(dir=path, rows=[], summary={}, **{k: r.get(k) for k in FIELDS})
   return out
 
 
@@ -151,7 +156,7 @@ def _same_pixels_shift(runs, v, s, curve):
                    for p in c]
   for (w, t), r in runs.items():
     if t == s and w != v and key(r["curve"]) == key(curve):
-      return r["shift_rgb"]
+      return r["shift_rgb"], r.get("shift_rgb_colour")
   raise SystemExit(f"{v} seed {s}: its eval kept no reconstructions and no run of seed {s} "
                    "has the same PSNR and LPIPS at every setting to take the colour from")
 
@@ -170,16 +175,17 @@ def analyse(a) -> dict:
     summary = json.load(open(os.path.join(d, "eval", "summary.json")))
     curve = _curve(rows)
     shift = (_channel_shift(d, ours, a.corpus).tolist()
-             if os.path.isdir(os.path.join(d, "eval", "recon")) else None)
+             if os.path.isdir(os.path.join(d, "eval", "recon")) else (None, None))
     runs[(v, s)] = dict(
         dir=d, rows=rows, summary=summary, curve=curve,
         saving=summary["hyperprior_saving_vs_static"],
         saving_per_photo=summary["saving_vs_static_per_image"],
         static_vs_fixed=summary["static_saving_vs_fixed_length"],
-        shift_rgb=shift, branches=summary["per_branch_bits_per_index"])
+        shift_rgb=shift[0], shift_rgb_colour=shift[1],
+        branches=summary["per_branch_bits_per_index"])
   for (v, s), r in runs.items():
     if r["shift_rgb"] is None:
-      r["shift_rgb"] = _same_pixels_shift(runs, v, s, r["curve"])
+      r["shift_rgb"], r["shift_rgb_colour"] = _same_pixels_shift(runs, v, s, r["curve"])
   old_jpeg = [json.load(open(p)).get("jpeg") for p in filter(None, a.reuse.split(","))]
   jpeg = next((_curve(r["rows"], "jpeg") for r in runs.values() if r["rows"]),
               next((j for j in old_jpeg if j), None))
@@ -244,13 +250,18 @@ def report(a, res, wall) -> str:
                      + " | ".join("n/a" if x is None else f"{x:+.1f}%" for x in vals)
                      + f" | {_ms(vals)}% |")
   lines += ["", "## Colour: mean shift per channel (R, G, B; /255) over photos and settings", "",
+            "The networks' decoded image, then (after ->) with the colour transform a format-4 "
+            "file carries (hvq_jax/colour.py, fitted to that image; - where the run's "
+            "reconstructions were not at hand).", "",
             "| recipe | " + " | ".join(f"seed {s}" for s in a.seeds) + " |",
             "|---|" + "---|" * len(a.seeds)]
+  rgb = lambda x: "-" if x is None else "{:.1f} / {:.1f} / {:.1f}".format(*x)
   for v, label in RECIPES.items():
     if not any((v, s) in runs for s in a.seeds):
       continue
     lines.append(f"| {label} | " + " | ".join(
-        "-" if (v, s) not in runs else "{:.1f} / {:.1f} / {:.1f}".format(*runs[(v, s)]["shift_rgb"])
+        "-" if (v, s) not in runs else
+        f"{rgb(runs[(v, s)]['shift_rgb'])} -> {rgb(runs[(v, s)].get('shift_rgb_colour'))}"
         for s in a.seeds) + " |")
   lines += ["", "## RD points (mean over photos: bpp / PSNR / LPIPS)", ""]
   for (v, s), r in sorted(runs.items()):
