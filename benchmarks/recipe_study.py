@@ -219,12 +219,14 @@ def report(a, res, wall) -> str:
   lines = ["# The recipe study", "",
            f"Corpus: {a.corpus} (docs/corpus.md); held-out photos coded whole at full size "
            f"to real files; lambda {a.lmbda}, ratios {RATIOS.replace(';', ' / ')}; seeds "
-           f"{', '.join(map(str, a.seeds))}; {a.steps or 'config'} steps per run; wall time "
-           f"{wall / 3600:.1f} h on this machine. `±` is the sample standard deviation over seeds."
+           f"{', '.join(map(str, a.seeds))}; {a.steps or 'config'} steps per run; "
+           + ("tables made from finished runs (--analyse-only). " if a.analyse_only else
+              f"wall time {wall / 3600:.1f} h on this machine. ")
+           + "`±` is the sample standard deviation over seeds."
            + (f" Runs not trained here are read from {a.reuse.replace(',', ', ')}, with the configs of those studies."
               if a.reuse else "")
            + "".join(f" {RECIPES[v]}, seed {s}: the run folder {d}." for (v, s), d in _extra_runs(a).items()),
-           "",
+           ""] + ([a.note, ""] if a.note else []) + [
            "## Saving over the static histogram on the same indices (z and map included)", "",
            "| recipe | " + " | ".join(f"seed {s}" for s in a.seeds) + " | mean ± sd | photos: min .. max |",
            "|---|" + "---|" * (len(a.seeds) + 2)]
@@ -307,6 +309,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the config's)")
   ap.add_argument("--lmbda", default="0.2")
   ap.add_argument("--analyse-only", action="store_true")
+  ap.add_argument("--note", default="", help="a paragraph for README.md after the first "
+                  "(e.g. which reused runs had another config)")
   a = ap.parse_args(argv)
   a.corpus = os.path.abspath(a.corpus)
   unknown = sorted(set(a.recipes) - set(RECIPES))
