@@ -25,7 +25,7 @@ from hvq_jax import codec, images
 from hvq_jax.entropy import bitstream
 from hvq_jax.codec import coder, profile
 
-STAGES = ("total", "model", "pmf", "range_coding", "indices", "prior")
+STAGES = ("total", "model", "pmf", "range_coding", "colour", "indices", "prior")
 
 
 def rate_estimate_bits(m, img) -> float:

@@ -32,7 +32,8 @@ def _rows(img: np.ndarray) -> np.ndarray:
 
 def fit(decoded: np.ndarray, original: np.ndarray) -> tuple:
   """uint8 [H, W, 3] decoded and original images -> the 12 int16 words of the transform
-  (ridge least squares toward the identity, quantised, clipped to int16)."""
+  (ridge least squares toward the identity, quantised, clipped to int16; the identity
+  where the quantised map would not lower the squared error)."""
   d, o = _rows(decoded), _rows(original)
   if d.shape != o.shape:
     raise ValueError(f"decoded {np.shape(decoded)} and original {np.shape(original)} differ in size")
@@ -44,8 +45,32 @@ def fit(decoded: np.ndarray, original: np.ndarray) -> tuple:
   eye = np.concatenate([np.eye(3), np.zeros((1, 3))])   # the identity map: G = 1, o = 0
   reg = RIDGE * len(d) * np.diag([1.0, 1.0, 1.0, 0.0])   # the offset is not pulled
   w = np.linalg.solve(xtx + reg + 1e-9 * np.eye(4), xty + reg @ eye)
-  q = np.concatenate([np.rint(w[:3].reshape(-1) * GAIN_SCALE), np.rint(w[3] * OFFSET_SCALE)])
-  return tuple(int(v) for v in np.clip(q, -32768, 32767))
+  g = np.clip(np.rint(w[:3] * GAIN_SCALE), -32768, 32767)
+  # the offsets refitted to the gains as quantised and clipped (a clipped gain with the
+  # offset of the unclipped one could be hundreds of levels off)
+  mean_d, mean_o = xtx[3, :3] / len(d), xty[3] / len(d)
+  o = np.clip(np.rint((mean_o - mean_d @ (g / GAIN_SCALE)) * OFFSET_SCALE), -32768, 32767)
+  words = tuple(int(v) for v in np.concatenate([g.reshape(-1), o]))
+  # never worse than sending nothing (clipping can make it so on degenerate images)
+  if _sq_error(apply(decoded, words), original) >= _sq_error(decoded, original):
+    return IDENTITY
+  return words
+
+
+def _sq_error(a: np.ndarray, b: np.ndarray) -> int:
+  a, b = _rows(a), _rows(b)
+  return sum(int(np.sum((a[i:i + _CHUNK].astype(np.int64) - b[i:i + _CHUNK]) ** 2))
+             for i in range(0, len(a), _CHUNK))
+
+
+def bound(words, levels: int = 1) -> int:
+  """How far two decoders' outputs may differ after the transform when their networks'
+  uint8 outputs differ by at most `levels`: ceil(levels * the largest column sum of |G|)
+  (at least `levels`; None, a file before format 4: `levels`)."""
+  if words is None:
+    return levels
+  g = np.abs(np.asarray(words[:9], np.int64).reshape(3, 3)).sum(0).max()
+  return max(levels, int(-(-levels * int(g) // GAIN_SCALE)))
 
 
 def apply(decoded: np.ndarray, words) -> np.ndarray:

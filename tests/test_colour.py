@@ -118,3 +118,26 @@ def test_format_2_file_decodes_without_a_transform(cmodel, photo):
   np.testing.assert_array_equal(codec.decompress(cmodel, old), codec.decompress(cmodel, plain))
   with pytest.raises(BitstreamError, match="format version"):
     codec.decompress(cmodel, _repack(plain, version=5 - v, colour=None, symbols=rec.digest()))
+
+
+def test_fit_never_sends_a_worse_image():
+  """A decoded image of little variance against a full-range original: the gains clip at
+  int16; the offsets are refitted to them, and the words sent never raise the error."""
+  rng = np.random.default_rng(2)
+  orig = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+  err = lambda a: np.mean((a.astype(float) - orig) ** 2)
+  for dec in (128 + (orig.astype(int) - 128) // 40, 200 + (orig.astype(int) - 128) // 60,
+              np.full(orig.shape, 255)):
+    dec = dec.astype(np.uint8)
+    assert err(colour.apply(dec, colour.fit(dec, orig))) <= err(dec)
+
+
+def test_bound_is_the_largest_gain_column_sum():
+  rng = np.random.default_rng(3)
+  words = tuple(int(v) for v in rng.integers(-9000, 9000, 12))
+  a = rng.integers(1, 255, (30, 40, 3)).astype(np.uint8)
+  b = (a.astype(int) + rng.integers(-1, 2, a.shape)).clip(0, 255).astype(np.uint8)
+  diff = np.abs(colour.apply(a, words).astype(int) - colour.apply(b, words).astype(int)).max()
+  g = np.abs(np.asarray(words[:9]).reshape(3, 3)).sum(0).max() / colour.GAIN_SCALE
+  assert colour.bound(words) == int(np.ceil(g)) and diff <= colour.bound(words)
+  assert colour.bound(colour.IDENTITY) == colour.bound(None) == 1

@@ -13,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")   # the `torch` extra; .ci/run installs torch==2.13.0
 
 from hvq_jax import codec
+from hvq_jax import colour
+from hvq_jax.entropy import bitstream
 from hvq_jax.interop import export
 from hvq_jax import images
 from hvq_jax.training import train  # noqa: E402
@@ -110,13 +112,15 @@ def test_torch_decodes_jax_files(micro_codec, exported, tmp_path):
     out = torch_model.decompress(net, data)
     ref = codec.decompress(micro_codec, data)
     assert out.shape == img.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    # networks within a level; the file's colour transform may scale that (colour.bound)
+    tol = colour.bound(bitstream.unpack(data)[0].colour)
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= tol
   (tmp_path / "a.hvq").write_bytes(data)
   r = _cli("decompress", str(tmp_path / "a.hvq"), "-o", str(tmp_path / "a.png"),
            "--checkpoint", exported, "--backend", "torch")
   assert r.returncode == 0, r.stderr
   from PIL import Image
-  assert np.abs(np.asarray(Image.open(tmp_path / "a.png")).astype(int) - ref.astype(int)).max() <= 1
+  assert np.abs(np.asarray(Image.open(tmp_path / "a.png")).astype(int) - ref.astype(int)).max() <= tol
   from hvq_jax.entropy.bitstream import CONTAINER_BYTES as CONTAINER
   with pytest.raises(codec.BitstreamError, match="symbol digest|cannot be decoded"):
     body = bytearray(data[:-4])

@@ -461,7 +461,10 @@ def test_plug_in_prior_on_an_imported_taming_tokenizer(tmp_path, monkeypatch):
   net = torch_model.from_safetensors(st)
   net.coding = export.load_coding(st)
   back = torch_model.decompress(net, (tmp_path / "c.hvq").read_bytes())
-  assert np.abs(back.astype(int) - out.astype(int)).max() <= 1
+  from hvq_jax import colour
+  from hvq_jax.entropy import bitstream
+  tol = colour.bound(bitstream.unpack((tmp_path / "c.hvq").read_bytes())[0].colour)
+  assert np.abs(back.astype(int) - out.astype(int)).max() <= tol
   with torch.no_grad():   # the PyTorch model of the export: taming's indices too
     got = net(torch.from_numpy(img.astype(np.float32)[None] / 127.5 - 1.0).permute(0, 3, 1, 2))
   np.testing.assert_array_equal(got["indices"]["coarse"][0].numpy(), ref_idx)

@@ -13,6 +13,7 @@ to the original; the decoder applies it, in integers, to the network's uint8 out
 "pmf", "range_coding"); `codec/profile.py` passes one, everything else the no-op.
 """
 import contextlib
+import dataclasses
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -167,9 +168,9 @@ def code_image(model: CodecModel, img: np.ndarray, lmbda: float, ratios,
   if colour:
     with timer("colour"):
       words = colour_lib.fit(synthesize(model, *decoded_symbols(model, known), h, w), img)
-  header = bitstream.Header(model.fingerprint, h, w, lmbda, counts, rec.digest(
-      bitstream.colour_bytes(bitstream.Header(b"", h, w, lmbda, counts, colour=words))),
-      bitstream.FORMAT_VERSION, words)
+  header = bitstream.Header(model.fingerprint, h, w, lmbda, counts, bytes(8),
+                            bitstream.FORMAT_VERSION, words)
+  header = dataclasses.replace(header, symbols=rec.digest(bitstream.colour_bytes(header)))
   return bitstream.pack(header, payload), rec
 
 
@@ -234,7 +235,9 @@ def search_rate(model: CodecModel, image, target_bpp: float,
   bpp = lambda d: 8 * len(d) / hw
   trial = lambda lam, r: compress(model, img, lam, r, colour=False)
   # the file as sent: the same payload and size, the transform fitted
-  final = lambda d, lam, r: ((compress(model, img, lam, r) if colour else d), lam, r, bpp(d))
+  def final(d, lam, r):
+    d = compress(model, img, lam, r) if colour else d
+    return d, lam, r, bpp(d)
   top = trial(float(np.exp(hi)), base)
   if bpp(top) > target_bpp:
     for t in np.linspace(1.0, 0.0, 6)[1:]:  # move fine/medium mass to coarse

@@ -94,9 +94,12 @@ def pack(header: Header, payload: np.ndarray) -> bytes:
   head = _HEADER.pack(MAGIC, header.version, header.fingerprint, header.height, header.width,
                       header.lmbda, *header.counts, header.symbols, payload.size)
   if header.version >= 4:
-    if header.colour is None or len(header.colour) != _COLOUR.size // 2:
-      raise BitstreamError(f"format {header.version} needs the 12 colour words")
+    c = header.colour
+    if c is None or len(c) != _COLOUR.size // 2 or not all(-32768 <= int(v) < 32768 for v in c):
+      raise BitstreamError(f"format {header.version} needs 12 colour words in int16, got {c}")
     head += _COLOUR.pack(*header.colour)
+  elif header.colour is not None:
+    raise BitstreamError(f"format {header.version} has no colour transform")
   body = head + payload.tobytes()
   return body + _CRC.pack(zlib.crc32(body))
 
