@@ -10,7 +10,7 @@ The encoder decodes its own symbols to fit the file's colour transform (hvq_jax/
 to the original; the decoder applies it, in integers, to the network's uint8 output.
 
 `code_image` and `decode_image` take a `timer` (a context manager per stage: "model",
-"pmf", "range_coding"); `codec/profile.py` passes one, everything else the no-op.
+"pmf", "range_coding", "colour"); `codec/profile.py` passes one, everything else the no-op.
 """
 import contextlib
 import dataclasses
