@@ -26,6 +26,11 @@ BLOCK = 64
 ADDED_BYTES = 24     # the 12 int16 words of format 4
 
 
+def recon_path(eval_dir: str, row: dict) -> str:
+  """Where `hvq eval` keeps the decoded image of one results.csv row."""
+  return os.path.join(eval_dir, "recon", f"{row['image']}__{row['setting'].replace(' ', '__')}.png")
+
+
 def channel_shift(a, b):
   """|mean_c(a) - mean_c(b)| per channel c (float64 [3])."""
   return np.abs(a.reshape(-1, 3).mean(0, dtype=np.float64) - b.reshape(-1, 3).mean(0, dtype=np.float64))
@@ -57,8 +62,8 @@ def main(argv=None):
     raise SystemExit(f"{a.eval}/results.csv has no hvq rows")
   per = []
   for r in rows:
-    name = f"{r['image']}__{r['setting'].replace(' ', '__')}.png"
-    path = os.path.join(a.eval, "recon", name)
+    path = recon_path(a.eval, r)
+    name = os.path.basename(path)
     if not os.path.isfile(path):
       raise SystemExit(f"{path}: missing (the eval must keep its reconstructions)")
     rec = images.read_image(path)

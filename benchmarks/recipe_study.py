@@ -39,6 +39,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)    # configs/ and benchmarks/ as packages when run as a script
 RECIPES = {"base": "staged (default)", "staged_long": "staged, tokenizer phase = hyperprior off's budget",
            "staged_long_quad": "staged_long, quad prior phase of 3x the steps",
            "joint": "joint", "hyperprior_off": "hyperprior off"}
@@ -54,7 +55,6 @@ def _steps_overrides(recipe: str, steps: int):
   variant and undo what it does to the steps, e.g. staged_long's prior steps on top)."""
   if not steps:
     return []
-  sys.path.insert(0, ROOT)
   from configs import ablations
   c = ablations.get_config("base")
   c.train.num_steps = steps
@@ -93,15 +93,13 @@ def _channel_shift(run_dir, rows, corpus):
   """Mean |mean_c(original) - mean_c(decoded)| per channel c over photos and settings:
   (the networks' decoded image, the same with the colour transform a format-4 file carries,
   `colour.fit` of that image: benchmarks/colour_effect.py)."""
+  from benchmarks.colour_effect import channel_shift, recon_path
   from hvq_jax import colour, images
   out = []
   for r in rows:
-    name = f"{r['image']}__{r['setting'].replace(' ', '__')}.png"
-    rec = images.read_image(os.path.join(run_dir, "eval", "recon", name))
+    rec = images.read_image(recon_path(os.path.join(run_dir, "eval"), r))
     orig = images.read_image(os.path.join(corpus, "heldout", r["image"] + ".png"))
-    fixed = colour.apply(rec, colour.fit(rec, orig))
-    m = lambda x: x.reshape(-1, 3).mean(0, dtype=np.float64)
-    out.append([np.abs(m(orig) - m(rec)), np.abs(m(orig) - m(fixed))])
+    out.append([channel_shift(rec, orig), channel_shift(colour.apply(rec, colour.fit(rec, orig)), orig)])
   return np.mean(out, 0)
 
 
