@@ -68,7 +68,7 @@ def model_config(kind: str):
   """configs/ablations.py's variant for `kind`, at configs/micro.py's sizes."""
   from hvq_jax.configs import ablations, micro
   variant = {"hyperprior": "base", "hyperprior_off": "hyperprior_off",
-             "residual_vq": "residual_vq", "spatial": "spatial_quad",
+             "residual_vq": "residual_vq", "spatial": "spatial_checkerboard",
              "residual_vq_hyperprior_off": "residual_vq_hyperprior_off"}[kind]
   return micro.shrink(ablations.get_config(variant))
 

@@ -15,8 +15,8 @@ granularity ratios (`hvq eval`), and writes into --out:
 
 Runs already finished in --workdir are skipped, so an interrupted study resumes. `--reuse
 A.json,B.json` takes runs (recipe, seed) from earlier studies' study.json (same corpus,
-ratios, lambda and configs; later files win, a run finished in --workdir wins over all), and
-only the rest are trained, so a new recipe or seed is compared without retraining the old:
+ratios, lambda and configs; later files win, a run finished in --workdir wins over all; `--fresh
+R` takes none of recipe R), and only the rest are trained, so a new recipe or seed is compared without retraining the old:
 
   python benchmarks/recipe_study.py --corpus /data/corpus --workdir runs/recipe_long \
       --out results/recipe_long --recipes staged_long --seeds 0,1 --reuse results/recipe/study.json
@@ -124,7 +124,7 @@ def _reused(a) -> dict:
   for path in filter(None, a.reuse.split(",")):
     for key, r in json.load(open(path))["runs"].items():
       v, s = key.split("__seed=")
-      if int(s) in a.seeds and v in RECIPES:
+      if int(s) in a.seeds and v in RECIPES and v not in a.fresh:
         out[(v, int(s))] = dict(dir=path, rows=[], summary={}, **{k: r.get(k) for k in FIELDS})
   return out
 
@@ -302,6 +302,9 @@ def main(argv=None):
                   help=f"comma-separated, of {', '.join(RECIPES)}")
   ap.add_argument("--reuse", default="", help="earlier studies' study.json, comma-separated: "
                   "their runs of --seeds join the tables and are not trained again")
+  ap.add_argument("--fresh", type=lambda s: s.split(","), default=[],
+                  help="recipes trained here even where --reuse has them (e.g. base after "
+                  "the default config changed)")
   ap.add_argument("--run", action="append", default=[], metavar="RECIPE:SEED=DIR",
                   help="an evaluated run folder made otherwise, counted as that recipe's seed")
   ap.add_argument("--steps", type=int, default=0, help="steps per run (default: the config's)")
@@ -311,7 +314,7 @@ def main(argv=None):
                   "(e.g. which reused runs had another config)")
   a = ap.parse_args(argv)
   a.corpus = os.path.abspath(a.corpus)
-  unknown = sorted(set(a.recipes) - set(RECIPES))
+  unknown = sorted((set(a.recipes) | set(a.fresh)) - set(RECIPES))
   if unknown:
     ap.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
   for path in filter(None, a.reuse.split(",")):

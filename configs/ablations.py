@@ -8,8 +8,28 @@ On accelerators, pass `--config.model...` overrides (or copy this file over defa
 from hvq_jax.configs import tiny_cpu
 
 
+def _phases(c):
+  """The base's tokenizer and prior steps."""
+  p = round(c.train.num_steps * c.train.prior_fraction)
+  return c.train.num_steps - p, p
+
+
+def _equal_time_steps(c) -> int:
+  """Single-phase steps that take as long as the base's staged run: its tokenizer steps plus
+  half its prior steps (a prior step, the tokenizer frozen, costs about half a tokenizer
+  step on CPU: benchmarks/train_step.py, the runs' images_per_s)."""
+  n, p = _phases(c)
+  return n + p // 2
+
+
 def _hyperprior_off(c):
   c.model.hyperprior.update(enabled=False, context="none", spatial="none")
+  c.train.update(num_steps=_equal_time_steps(c))
+
+
+def _joint(c):
+  """The paper's recipe: one joint run, the rate priced by the hyperprior throughout."""
+  c.train.update(recipe="joint", num_steps=_equal_time_steps(c))
 
 
 def _residual(c):
@@ -18,25 +38,26 @@ def _residual(c):
 
 
 def _staged_long(c):
-  """The staged default with its tokenizer phase as long as a hyperprior-off run's whole
-  budget: the prior phase's steps come on top, so the two tokenizers train equally long."""
-  n, p = c.train.num_steps, round(c.train.num_steps * c.train.prior_fraction)
+  """A tokenizer phase as long as the hyperprior-off run, then the base's prior phase with
+  two checkerboard passes (as measured in results/recipe_long/): the prior's steps come on
+  top, so the two tokenizers train equally long."""
+  n, p = _equal_time_steps(c), _phases(c)[1]
+  c.model.hyperprior.update(spatial="checkerboard")
   c.train.update(num_steps=n + p, prior_fraction=p / (n + p))
 
 
 def _staged_long_quad(c):
-  """staged_long's tokenizer phase (the hyperprior-off run's whole budget), then a quad prior
-  phase three times the base's: fresh quad priors of that length on frozen staged_long
-  tokenizers saved 39.6% over the static code (two seeds, results/prior_length/)."""
-  n, p = c.train.num_steps, round(c.train.num_steps * c.train.prior_fraction)
+  """staged_long's tokenizer phase, then a quad prior phase three times the base's: fresh
+  quad priors of that length on frozen staged_long tokenizers saved 39.6% over the static
+  code (two seeds, results/prior_length/)."""
+  n, p = _equal_time_steps(c), 3 * _phases(c)[1]
   c.model.hyperprior.update(spatial="quad")
-  c.train.update(num_steps=n + 3 * p, prior_fraction=3 * p / (n + 3 * p))
+  c.train.update(num_steps=n + p, prior_fraction=p / (n + p))
 
 
 VARIANTS = {
     "base": lambda c: None,
-    # the paper's recipe: one joint run, the rate priced by the hyperprior throughout
-    "joint": lambda c: c.train.update(recipe="joint"),
+    "joint": _joint,
     "staged_long": _staged_long,
     "hyperprior_off": _hyperprior_off,
     "per_granularity_codebook": lambda c: c.model.update(shared_codebook=False),
@@ -48,12 +69,12 @@ VARIANTS = {
                                               _hyperprior_off(c)),
     "large_codebook": lambda c: c.model.update(codebook_size=16384),
     # the prior's contexts (the base has both: the coarser granularities' entries and the
-    # map, and the checkerboard passes): none / coarser only / checkerboard only, and the
-    # 2x2 interleave (four passes) in place of the checkerboard
+    # map, and the 2x2 interleave's four passes): none / coarser only / passes only, and two
+    # checkerboard passes in place of the four
     "no_contexts": lambda c: c.model.hyperprior.update(context="none", spatial="none"),
     "no_spatial_context": lambda c: c.model.hyperprior.update(spatial="none"),
     "no_prior_context": lambda c: c.model.hyperprior.update(context="none"),
-    "spatial_quad": lambda c: c.model.hyperprior.update(spatial="quad"),
+    "spatial_checkerboard": lambda c: c.model.hyperprior.update(spatial="checkerboard"),
     "staged_long_quad": _staged_long_quad,
     # residual VQ: 2 codebooks per granularity, a hyperprior branch over each stage's indices
     "residual_vq": _residual,

@@ -202,13 +202,26 @@ def test_staged_long_trains_its_tokenizer_as_long_as_hyperprior_off():
   base, off, long = (phases.plan(ablations.get_config(n))
                      for n in ("base", "hyperprior_off", "staged_long"))
   assert [p.name for p in long] == ["tokenizer", "prior"]
-  assert long[0].steps == off[0].steps == ablations.get_config("base").train.num_steps
+  assert long[0].steps == off[0].steps
   assert long[1].steps == base[1].steps and long[1].lr == base[1].lr
+  assert ablations.get_config("staged_long").model.hyperprior.spatial == "checkerboard"
+
+
+def test_hyperprior_off_and_joint_train_as_long_as_the_staged_base():
+  """Equal training time: the base's tokenizer steps plus half its prior steps (a prior step
+  costs about half a tokenizer step), one phase each."""
+  from hvq_jax.training import phases
+  base = phases.plan(ablations.get_config("base"))
+  assert [p.name for p in base] == ["tokenizer", "prior"]
+  for name, phase in (("hyperprior_off", "tokenizer"), ("joint", "joint")):
+    plan = phases.plan(ablations.get_config(name))
+    assert [(p.name, p.steps) for p in plan] == [(phase, base[0].steps + base[1].steps // 2)]
 
 
 def test_recipe_study_steps_keep_staged_long_equal_to_hyperprior_off():
-  """`recipe_study --steps N`: the overrides it passes give staged_long N tokenizer steps
-  (as many as a hyperprior-off run's N) and the prior phase of a base run of N steps."""
+  """`recipe_study --steps N`: the overrides it passes give staged_long as many tokenizer
+  steps as the hyperprior-off run (a base of N steps' equal-time budget) and the prior phase
+  of a base run of N steps."""
   import ml_collections
   from hvq_jax.training import phases
   from benchmarks import recipe_study
@@ -227,8 +240,9 @@ def test_recipe_study_steps_keep_staged_long_equal_to_hyperprior_off():
 
   for n in (100, 333):
     long, off, base = (planned(r, n) for r in ("staged_long", "hyperprior_off", "base"))
-    assert long[0].steps == off[0].steps == n
-    assert long[1].steps == base[1].steps == round(n * ablations.get_config("base").train.prior_fraction)
+    p = round(n * ablations.get_config("base").train.prior_fraction)
+    assert base[0].steps == n - p and long[1].steps == base[1].steps == p
+    assert long[0].steps == off[0].steps == n - p + p // 2
 
 
 def test_staged_long_quad_has_staged_longs_tokenizer_phase_and_three_times_the_prior_phase():
@@ -236,6 +250,6 @@ def test_staged_long_quad_has_staged_longs_tokenizer_phase_and_three_times_the_p
   base, long, quad = (phases.plan(ablations.get_config(n))
                       for n in ("base", "staged_long", "staged_long_quad"))
   assert [p.name for p in quad] == [p.name for p in base] == ["tokenizer", "prior"]
-  assert quad[0].steps == long[0].steps == ablations.get_config("base").train.num_steps
+  assert quad[0].steps == long[0].steps
   assert quad[1].steps == 3 * base[1].steps and quad[1].lr == base[1].lr
   assert ablations.get_config("staged_long_quad").model.hyperprior.spatial == "quad"
