@@ -15,9 +15,10 @@ def _phases(c):
 
 
 def _equal_time_steps(c) -> int:
-  """Single-phase steps that take as long as the base's staged run: its tokenizer steps plus
-  half its prior steps (a prior step, the tokenizer frozen, costs about half a tokenizer
-  step on CPU: benchmarks/train_step.py, the runs' images_per_s)."""
+  """Single-phase steps that take at least as long as the base's staged run: its tokenizer
+  steps plus half its prior steps (a prior step, the tokenizer frozen, costs 0.26 of a
+  tokenizer step with the quad context and 0.41 with the checkerboard on this CPU: the
+  runs' images_per_s in metrics.jsonl, results/recipe_default/)."""
   n, p = _phases(c)
   return n + p // 2
 

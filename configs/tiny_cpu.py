@@ -50,9 +50,9 @@ def get_config():
   config.rd.lmbda = 0.2
   t = config.train
   # staged: 960 tokenizer steps at the static code's rate, then 480 prior steps on the frozen
-  # tokenizer. A prior step costs about half a tokenizer step here, so the run takes as long
-  # as 1200 tokenizer steps: the hyperprior-off and joint variants' budget
-  # (configs/ablations.py), the comparison of results/recipe_default/.
+  # tokenizer. A prior step costs at most half a tokenizer step here (0.26 of one), so the
+  # run takes no longer than 1200 tokenizer steps: the hyperprior-off and joint variants'
+  # budget (configs/ablations.py), the comparison of results/recipe_default/.
   t.batch_size, t.num_steps, t.log_every, t.ckpt_every = 4, 1440, 50, 240
   t.lr, t.disc_lr, t.b1, t.b2, t.warmup_steps = 1e-3, 1e-3, 0.9, 0.99, 100
   t.prior_fraction, t.prior_lr, t.finetune_lr = 1 / 3, 1e-3, 1e-4
