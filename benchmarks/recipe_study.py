@@ -15,8 +15,9 @@ granularity ratios (`hvq eval`), and writes into --out:
 
 Runs already finished in --workdir are skipped, so an interrupted study resumes. `--reuse
 A.json,B.json` takes runs (recipe, seed) from earlier studies' study.json (same corpus,
-ratios, lambda and configs; later files win, a run finished in --workdir wins over all; `--fresh
-R` takes none of recipe R), and only the rest are trained, so a new recipe or seed is compared without retraining the old:
+ratios, lambda and configs; later files win, a run finished in --workdir wins over all;
+`--fresh R` takes none of recipe R), and only the rest are trained, so a new recipe or seed
+is compared without retraining the old:
 
   python benchmarks/recipe_study.py --corpus /data/corpus --workdir runs/recipe_long \
       --out results/recipe_long --recipes staged_long --seeds 0,1 --reuse results/recipe/study.json
